@@ -1,0 +1,323 @@
+"""The service lifecycle: build the governed server, serve, shut down without dropping a call."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tether.config import TetherConfig, load_config
+from tether.errors import ConfigError, ConfigProblem
+from tether.health import SERVING, HealthService
+from tether.interceptors import ChainServerInterceptor
+from tether.log import configure_logging, get_logger
+from tether.middleware import Middleware
+from tether.recovery import recover
+
+__all__ = ["App", "Hook", "default_server_middleware"]
+
+_log = get_logger("tether.app")
+
+#: A lifecycle hook: an async function given the app.
+Hook = Callable[["App"], Awaitable[None]]
+
+#: What grpcio-tools generates as ``add_FooServicer_to_server``.
+AddServicer = Callable[[Any, Any], None]
+
+
+def default_server_middleware(config: TetherConfig) -> list[Middleware]:
+    """The server chain every tether service runs, outermost first.
+
+    This literal list is the one place the order is decided.
+    """
+    del config  # later entries are configured from it
+    return [
+        recover,
+    ]
+
+
+class _RecordingServer:
+    """Stands in for the server while a servicer registers, to learn the services it adds."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+        self.services: list[str] = []
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[Any]) -> None:
+        for handler in handlers:
+            name = getattr(handler, "service_name", None)
+            if callable(name):
+                self.services.append(name())
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+        self.services.append(service)
+        # grpcio >= 1.63 generates this call; grpc-stubs does not know it yet.
+        getattr(self._server, "add_registered_method_handlers")(service, handlers)  # noqa: B009
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+class App:
+    """One gRPC service: its config, its servicers, its server chain and its lifecycle.
+
+    Start-up: ``before_start`` hooks, server bound and started, health SERVING,
+    ``after_start`` hooks (registration goes here).
+    Shutdown (SIGTERM, SIGINT, or :meth:`stop`): health NOT_SERVING, ``before_stop`` hooks
+    (deregistration goes here), ``server.drain_seconds`` of drain so callers route away,
+    ``server.stop(grace_seconds)`` (in-flight calls finish, new ones are refused), ``after_stop``
+    hooks. A second signal during shutdown skips the drain and the grace period.
+
+    Args:
+        config: the service's configuration; loaded with :func:`tether.load_config` if omitted.
+        middleware: the server chain; :func:`default_server_middleware` if omitted.
+    """
+
+    def __init__(
+        self,
+        config: TetherConfig | None = None,
+        *,
+        middleware: Sequence[Middleware] | None = None,
+    ) -> None:
+        self.config = config if config is not None else load_config()
+        self.instance_id = self.config.service.instance_id or _new_instance_id(
+            self.config.service.name
+        )
+        self.middleware: tuple[Middleware, ...] = tuple(
+            default_server_middleware(self.config) if middleware is None else middleware
+        )
+        self.health = HealthService()
+        self.services: list[str] = []
+        self._servicers: list[tuple[AddServicer, object]] = []
+        self._hooks: dict[str, list[Hook]] = {
+            "before_start": [],
+            "after_start": [],
+            "before_stop": [],
+            "after_stop": [],
+        }
+        self._server: grpc.aio.Server | None = None
+        self._interceptor: ChainServerInterceptor | None = None
+        self._port: int | None = None
+        self._stopping: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self._hurry = asyncio.Event()
+        self._hurried: asyncio.Future[None] | None = None
+
+    # ----------------------------------------------------------------- building
+
+    def add_servicer(self, add_to_server: AddServicer, servicer: object) -> None:
+        """Serve ``servicer``, registered with the ``add_XServicer_to_server`` grpcio-tools made."""
+        if self._server is not None:
+            raise RuntimeError("add servicers before the app starts")
+        self._servicers.append((add_to_server, servicer))
+
+    def before_start(self, hook: Hook) -> Hook:
+        """Register ``hook`` to run before the server binds; usable as a decorator."""
+        self._hooks["before_start"].append(hook)
+        return hook
+
+    def after_start(self, hook: Hook) -> Hook:
+        """Register ``hook`` to run once the server is serving and healthy."""
+        self._hooks["after_start"].append(hook)
+        return hook
+
+    def before_stop(self, hook: Hook) -> Hook:
+        """Register ``hook`` to run right after health goes NOT_SERVING, before the drain."""
+        self._hooks["before_stop"].append(hook)
+        return hook
+
+    def after_stop(self, hook: Hook) -> Hook:
+        """Register ``hook`` to run after the server stopped (flush, close clients)."""
+        self._hooks["after_stop"].append(hook)
+        return hook
+
+    # ----------------------------------------------------------------- running
+
+    @property
+    def port(self) -> int:
+        """The port the server is bound to (useful with ``server.port: 0``)."""
+        if self._port is None:
+            raise RuntimeError("the app has not started")
+        return self._port
+
+    @property
+    def target(self) -> str:
+        """A loopback ``host:port`` a local client can dial."""
+        host = self.config.server.host
+        if host in ("0.0.0.0", "", "[::]", "::"):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Build and start the server; returns once it is serving and marked SERVING.
+
+        Raises:
+            ConfigError: the configured address cannot be bound.
+        """
+        if self._server is not None:
+            raise RuntimeError("the app has already started")
+        cfg = self.config.server
+        await self._run_hooks("before_start")
+        self._interceptor = interceptor = ChainServerInterceptor(self.middleware)
+        server = grpc.aio.server(
+            interceptors=[interceptor],
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+        )
+        recorder = _RecordingServer(server)
+        for add_to_server, servicer in self._servicers:
+            add_to_server(servicer, recorder)
+        self.services = list(dict.fromkeys(recorder.services))  # generated code adds each twice
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if cfg.reflection:
+            reflection.enable_server_reflection(
+                (*self.services, "grpc.health.v1.Health", reflection.SERVICE_NAME), server
+            )
+        address = f"{cfg.host}:{cfg.port}"
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            port = 0
+            cause: Exception | None = exc
+        else:
+            cause = None
+        if port == 0:
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        "server.port",
+                        repr(cfg.port),
+                        f"cannot bind {address} (in use, or not permitted)",
+                    )
+                ]
+            ) from cause
+        self._server = server
+        self._port = port
+        await server.start()
+        for service in ("", *self.services):
+            self.health.set(service, SERVING)
+        _log.info(
+            "serving",
+            address=f"{cfg.host}:{port}",
+            services=self.services,
+            instance_id=self.instance_id,
+        )
+        await self._run_hooks("after_start")
+
+    async def stop(self, *, drain: float | None = None, grace: float | None = None) -> None:
+        """Shut down in order; safe to call more than once (later calls wait for the first).
+
+        Args:
+            drain: seconds between NOT_SERVING and stopping the server; config if None.
+            grace: seconds in-flight calls may take to finish; config if None.
+        """
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._shutdown(drain, grace))
+        await asyncio.shield(self._stopping)
+
+    async def _shutdown(self, drain: float | None, grace: float | None) -> None:
+        cfg = self.config.server
+        drain = cfg.drain_seconds if drain is None else drain
+        grace = cfg.grace_seconds if grace is None else grace
+        _log.info("stopping", drain_seconds=drain, grace_seconds=grace)
+        self.health.shutdown()
+        try:
+            await self._run_hooks("before_stop")
+            if drain > 0 and not self._hurry.is_set():
+                # Time for balancers and watchers to route away; hurry() cuts it short.
+                _log.info("draining", seconds=drain)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hurry.wait(), drain)
+            if self._server is not None:
+                await self._finish_in_flight(grace)
+            await self._run_hooks("after_stop")
+        finally:
+            self._stopped.set()
+        _log.info("stopped")
+
+    async def _finish_in_flight(self, grace: float) -> None:
+        """Refuse new calls, let in-flight ones finish within ``grace``, then stop the server."""
+        assert self._server is not None and self._interceptor is not None
+        interceptor = self._interceptor
+        interceptor.refuse_new_calls()
+        started = asyncio.get_running_loop().time()
+        if not self._hurry.is_set():
+            _log.info("refusing new calls", in_flight=interceptor.in_flight)
+            idle = asyncio.ensure_future(interceptor.wait_idle())
+            hurry = asyncio.ensure_future(self._hurry.wait())
+            await asyncio.wait((idle, hurry), timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+            idle.cancel()
+            hurry.cancel()
+        left = (
+            0.0
+            if self._hurry.is_set()
+            else max(grace - (asyncio.get_running_loop().time() - started), 0.0)
+        )
+        _log.info("stopping server", grace_seconds=round(left, 3), in_flight=interceptor.in_flight)
+        await self._server.stop(left)
+
+    def hurry(self) -> None:
+        """Cut a shutdown short: end the drain now and cancel calls still in flight."""
+        self._hurry.set()
+        if self._server is not None and self._stopping is not None:
+            # Cancels calls still running if the server is already stopping with a grace period.
+            self._hurried = asyncio.ensure_future(self._server.stop(0))
+
+    async def wait_stopped(self) -> None:
+        """Return once :meth:`stop` has finished."""
+        await self._stopped.wait()
+
+    async def serve(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, then shut down in order."""
+        loop = asyncio.get_running_loop()
+        signalled = asyncio.Event()
+
+        def on_signal(signum: int) -> None:
+            if signalled.is_set():
+                _log.warning("second signal: stopping now", signal=signal.Signals(signum).name)
+                self.hurry()
+                return
+            _log.info("signal received", signal=signal.Signals(signum).name)
+            signalled.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        try:
+            await self.start()
+            await signalled.wait()
+            await self.stop()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+
+    def run(self) -> None:
+        """Configure logging and serve until a signal; the process then exits with status 0."""
+        cfg = self.config
+        configure_logging(
+            cfg.logging.level,
+            cfg.logging.format,
+            static={"service": cfg.service.name, "instance_id": self.instance_id},
+        )
+        asyncio.run(self.serve())
+
+    async def _run_hooks(self, phase: str) -> None:
+        for hook in self._hooks[phase]:
+            await hook(self)
+
+
+def _new_instance_id(service: str) -> str:
+    return f"{service}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"

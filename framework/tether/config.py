@@ -1,0 +1,625 @@
+"""Typed, immutable service configuration: a YAML file overridden by ``TETHER_*`` variables."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import UnionType
+from typing import Annotated, Any, Literal, Self, TypeGuard, Union, get_args, get_origin
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+from tether.errors import ConfigError, ConfigProblem
+
+__all__ = [
+    "ClientConfig",
+    "LoggingConfig",
+    "MetricsConfig",
+    "RegistryConfig",
+    "ServerConfig",
+    "ServiceConfig",
+    "TetherConfig",
+    "TlsConfig",
+    "TracingConfig",
+    "load_config",
+    "render_config",
+]
+
+_ENV_PREFIX = "TETHER_"
+_ENV_DELIMITER = "__"
+# Names the YAML file; read by load_config itself, never a settings field.
+_CONFIG_PATH_VAR = "TETHER_CONFIG"
+_DEFAULT_CONFIG_FILE = "tether.yaml"
+
+_MASK = "**********"
+_MAX_SHOWN = 80
+_DNS_LABEL = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"
+_PATTERN_RULES = {
+    _DNS_LABEL: (
+        "must be a lowercase DNS label: a-z, 0-9 and '-', starting with a letter, "
+        "at most 63 characters"
+    ),
+}
+
+
+def _parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """Split ``host:port`` (IPv6 as ``[::1]:2379``) into its host and port, or raise ValueError."""
+    if "://" in endpoint:
+        raise ValueError("must be host:port without a scheme, e.g. 127.0.0.1:2379")
+    if endpoint.startswith("["):
+        host, sep, port = endpoint[1:].partition("]:")
+    else:
+        host, sep, port = endpoint.rpartition(":")
+        if ":" in host:
+            raise ValueError("an IPv6 host must be in brackets, e.g. [::1]:2379")
+    if not sep:
+        raise ValueError("must be host:port; the port is missing")
+    if not host or any(c.isspace() or c in "/[]" for c in host):
+        raise ValueError("must be host:port with a non-empty host")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError("port must be an integer from 1 to 65535")
+    return host, int(port)
+
+
+def _check_endpoint(endpoint: str) -> str:
+    _parse_endpoint(endpoint)
+    return endpoint
+
+
+_Endpoint = Annotated[str, AfterValidator(_check_endpoint)]
+
+
+class ServiceConfig(BaseModel):
+    """Who this service is: the name it registers under and what it says about itself."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(
+        pattern=_DNS_LABEL,
+        description="Service name, a lowercase DNS label; clients discover the service by it.",
+    )
+    version: str = Field(default="0.0.0", description="Version published to the registry.")
+    instance_id: str | None = Field(
+        default=None,
+        description="Unique id of this instance in the registry; None lets the App generate one.",
+    )
+    zone: str = Field(default="", description="Zone or region, for zone-aware balancing.")
+    metadata: dict[str, str] = Field(
+        default_factory=dict, description="Free-form labels published with the instance."
+    )
+
+
+class ServerConfig(BaseModel):
+    """The gRPC server: where it listens and how it stops."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field(default="0.0.0.0", description="Address the gRPC server binds to.")
+    port: int = Field(
+        default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free (ephemeral) port."
+    )
+    reflection: bool = Field(default=True, description="Serve the gRPC reflection service.")
+    drain_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description=(
+            "Delay between reporting NOT_SERVING / deregistering and stopping the server, "
+            "so clients stop picking this instance."
+        ),
+    )
+    grace_seconds: float = Field(
+        default=10.0, ge=0, description="How long in-flight calls may run once stopping begins."
+    )
+    max_concurrent_rpcs: int | None = Field(
+        default=None, ge=1, description="Upper bound on concurrent RPCs; None means unbounded."
+    )
+    max_message_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="Largest message accepted or sent, in bytes.",
+    )
+
+
+class TlsConfig(BaseModel):
+    """TLS material for a client connection; cert and key go together."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle (PEM) that signs the server certificate."
+    )
+    cert_file: Path | None = Field(default=None, description="Client certificate (PEM).")
+    key_file: Path | None = Field(default=None, description="Private key of cert_file (PEM).")
+
+    @model_validator(mode="after")
+    def _check_pair(self) -> Self:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together, or neither")
+        return self
+
+
+class RegistryConfig(BaseModel):
+    """Service registry: which backend, where it is, and how this instance registers."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backend: Literal["etcd", "memory", "none"] = Field(
+        default="etcd",
+        description="etcd; memory (one process, tests); none (no registration or discovery).",
+    )
+    endpoints: Annotated[tuple[_Endpoint, ...], NoDecode] = Field(
+        default=("127.0.0.1:2379",),
+        min_length=1,
+        description=(
+            "etcd endpoints as host:port, IPv6 as [::1]:2379; in the environment a "
+            "comma-separated list or a JSON array."
+        ),
+    )
+    prefix: str = Field(
+        default="/tether/services", description="Key prefix under which instances register."
+    )
+    ttl_seconds: int = Field(
+        default=10, ge=2, description="Lease TTL; an instance that stops renewing expires after it."
+    )
+    required: bool = Field(
+        default=False,
+        description="Refuse to start when the registry is unreachable (else start and retry).",
+    )
+    username: str | None = Field(default=None, description="etcd user name.")
+    password: SecretStr | None = Field(default=None, description="etcd password; needs username.")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS towards etcd.")
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _split_endpoints(cls, value: object) -> object:
+        # Environment variables carry one string: "a:2379,b:2379" or '["a:2379", "b:2379"]'.
+        if not isinstance(value, str):
+            return value
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            decoded = None
+        if isinstance(decoded, list):
+            return decoded
+        return [part.strip() for part in value.split(",") if part.strip()]
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        if value.endswith("/"):
+            raise ValueError("must not end with '/'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_credentials(self) -> Self:
+        if self.password is not None and self.username is None:
+            raise ValueError("password is set without username; give both or neither")
+        return self
+
+    @property
+    def addresses(self) -> tuple[tuple[str, int], ...]:
+        """The endpoints as ``(host, port)`` pairs, IPv6 hosts without brackets."""
+        return tuple(_parse_endpoint(endpoint) for endpoint in self.endpoints)
+
+
+class ClientConfig(BaseModel):
+    """Outbound calls made through tether clients."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    timeout_seconds: float = Field(
+        default=5.0, gt=0, description="Default deadline of an outbound call, in seconds."
+    )
+
+
+class TracingConfig(BaseModel):
+    """OpenTelemetry tracing and its OTLP exporter."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = Field(default=False, description="Export traces.")
+    sample_ratio: float = Field(
+        default=0.1, ge=0, le=1, description="Share of new traces sampled, from 0 to 1."
+    )
+    endpoint: str = Field(
+        default="http://127.0.0.1:4317", description="OTLP gRPC collector URL (http or https)."
+    )
+    insecure: bool = Field(default=True, description="Talk to the collector without TLS.")
+    headers: dict[str, SecretStr] = Field(
+        default_factory=dict, description="Headers sent to the collector, e.g. auth tokens."
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+
+_LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class LoggingConfig(BaseModel):
+    """Structured logging."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    level: _LogLevel = Field(
+        default="info", description="Lowest level logged; any case is accepted."
+    )
+    format: Literal["json", "console"] = Field(
+        default="json", description="json for machines, console for people."
+    )
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        # Only a known level is lowered, so a refused one is shown as it was written.
+        if isinstance(value, str) and value.lower() in get_args(_LogLevel):
+            return value.lower()
+        return value
+
+
+class MetricsConfig(BaseModel):
+    """The Prometheus metrics endpoint."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = Field(default=True, description="Serve Prometheus metrics.")
+    host: str = Field(default="0.0.0.0", description="Address the metrics endpoint binds to.")
+    port: int = Field(
+        default=9464, ge=0, le=65535, description="Metrics port; 0 picks a free port."
+    )
+
+
+class TetherConfig(BaseSettings):
+    """Everything a tether service is configured with; environment variables beat the file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=_ENV_PREFIX, env_nested_delimiter=_ENV_DELIMITER, frozen=True, extra="forbid"
+    )
+
+    service: ServiceConfig = Field(description="Identity of this service.")
+    server: ServerConfig = Field(default_factory=ServerConfig, description="The gRPC server.")
+    registry: RegistryConfig = Field(
+        default_factory=RegistryConfig, description="Service registry."
+    )
+    client: ClientConfig = Field(default_factory=ClientConfig, description="Outbound calls.")
+    tracing: TracingConfig = Field(default_factory=TracingConfig, description="Tracing.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # First wins: the environment beats init kwargs (the YAML file); no dotenv, no secrets dir.
+        return env_settings, init_settings
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> TetherConfig:
+    """Load the configuration from a YAML file and ``TETHER_*`` environment variables.
+
+    Args:
+        path: the YAML file. When None, the file named by ``TETHER_CONFIG`` is used, else
+            ``./tether.yaml`` if it exists, else no file (defaults and environment only).
+            Environment variables such as ``TETHER_SERVER__PORT`` override the file.
+
+    Returns:
+        The validated, immutable configuration.
+
+    Raises:
+        ConfigError: the file is missing, unreadable or not YAML, or any value is refused;
+            every refused value is listed, secrets masked.
+    """
+    file, origin = _locate_file(path)
+    data = _read_file(file, origin) if file is not None else {}
+    if file is not None:
+        source = str(file)
+    elif _relevant_env():
+        source = "environment"
+    else:
+        source = "defaults"
+    # `from None` throughout: pydantic's and PyYAML's messages echo input, secrets included.
+    try:
+        return TetherConfig(**data)
+    except ValidationError as exc:
+        problems = [_problem_from(error) for error in exc.errors(include_url=False)]
+        raise ConfigError(problems, source=source) from None
+    except SettingsError as exc:
+        raise ConfigError([_problem_from_settings(exc)], source=source) from None
+
+
+def render_config(config: TetherConfig) -> str:
+    """Render the effective configuration as YAML that ``load_config`` reads back.
+
+    Args:
+        config: the configuration to show.
+
+    Returns:
+        YAML text, sections in declaration order, every secret replaced by ``**********``.
+    """
+    # JSON mode turns SecretStr into its mask, Path into str and tuples into lists.
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _locate_file(path: str | os.PathLike[str] | None) -> tuple[Path | None, str | None]:
+    """Return the YAML file to read, and the variable that named it (None if not one)."""
+    if path is not None:
+        return Path(path), None
+    from_env = os.environ.get(_CONFIG_PATH_VAR)
+    if from_env:
+        return Path(from_env), _CONFIG_PATH_VAR
+    default = Path(_DEFAULT_CONFIG_FILE)
+    return (default, None) if default.is_file() else (None, None)
+
+
+def _read_file(file: Path, origin: str | None) -> dict[str, Any]:
+    """Parse the YAML file into init kwargs for TetherConfig, or raise ConfigError."""
+    suffix = f" (from {origin})" if origin else ""
+
+    def refuse(rule: str) -> ConfigError:
+        problem = ConfigProblem("config", _show(str(file)), rule + suffix)
+        return ConfigError([problem], source=str(file))
+
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        raise refuse("file not found") from None
+    except OSError as exc:
+        raise refuse(f"cannot be read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.MarkedYAMLError as exc:
+        # Only the problem and its position: the snippet PyYAML quotes may hold a secret.
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise refuse(f"invalid YAML{where}: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise refuse(f"invalid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise refuse("must be a mapping of sections (service, server, ...)")
+    return {str(key): value for key, value in data.items()}
+
+
+def _relevant_env() -> list[str]:
+    """Names of environment variables that feed a TetherConfig field."""
+    heads = tuple(f"{_ENV_PREFIX}{name}".upper() for name in TetherConfig.model_fields)
+    nested = tuple(head + _ENV_DELIMITER for head in heads)
+    return [name for name in os.environ if name.upper() in heads or name.upper().startswith(nested)]
+
+
+class _Masked:
+    """Stands in for a withheld value; shows as the mask, also inside a container's repr."""
+
+    def __repr__(self) -> str:
+        return repr(_MASK)
+
+
+_MASKED = _Masked()
+_UNKNOWN = object()  # the type at a location no model declares; its value is withheld
+
+_FIXED_RULES = {
+    "missing": "is required",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be a string",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "tuple_type": "must be a list",
+    "list_type": "must be a list",
+    "path_type": "must be a file path",
+}
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_BOUND_TYPES = {
+    "greater_than": "gt",
+    "greater_than_equal": "ge",
+    "less_than": "lt",
+    "less_than_equal": "le",
+}
+
+
+def _problem_from(error: ErrorDetails) -> ConfigProblem:
+    """Translate one pydantic error into a ConfigProblem: dotted field, safe value, short rule."""
+    loc = error["loc"]
+    annotation = _annotation_at(loc)
+    if error["type"] == "missing":
+        value = "<missing>"
+    else:
+        value = _show(_redact(annotation, error["input"]))
+    rule = _rule(error, annotation)
+    env_name = _env_name_for(loc)
+    if env_name:
+        rule += f" (from {env_name})"
+    return ConfigProblem(_dotted(loc), value, rule)
+
+
+def _rule(error: ErrorDetails, annotation: object) -> str:
+    kind = error["type"]
+    ctx = error.get("ctx", {})
+    if kind in _BOUND_TYPES:
+        bound = _BOUND_TYPES[kind]
+        limit = ctx[bound]
+        if isinstance(limit, float) and limit.is_integer():
+            limit = int(limit)  # pydantic reports ge=0 on a float field as 0.0
+        return f"must be {_BOUNDS[bound]} {limit}"
+    if kind == "literal_error":
+        choices = get_args(_unwrap(annotation))
+        if choices:
+            return "must be one of: " + ", ".join(repr(choice) for choice in choices)
+        return f"must be {ctx.get('expected', 'one of the allowed values')}"
+    if kind == "extra_forbidden":
+        model = _unwrap(_annotation_at(error["loc"][:-1]))
+        if _is_model(model):
+            return "unknown field; allowed: " + ", ".join(sorted(model.model_fields))
+        return "unknown field"
+    if kind == "string_pattern_mismatch":
+        pattern = str(ctx.get("pattern", ""))
+        return _PATTERN_RULES.get(pattern, f"must match {pattern}")
+    if kind in ("value_error", "assertion_error") and "error" in ctx:
+        return str(ctx["error"])
+    if kind == "too_short" and ctx.get("min_length") == 1:
+        return "must not be empty"
+    return _FIXED_RULES.get(kind, error["msg"])
+
+
+def _problem_from_settings(exc: SettingsError) -> ConfigProblem:
+    """Name the variable behind a SettingsError (a complex value that is not JSON)."""
+    cause = exc.__cause__
+    if isinstance(cause, json.JSONDecodeError):
+        for name in _relevant_env():
+            if os.environ[name] == cause.doc:
+                loc = tuple(name[len(_ENV_PREFIX) :].lower().split(_ENV_DELIMITER))
+                value = _show(_redact(_annotation_at(loc), cause.doc))
+                return ConfigProblem(_dotted(loc), value, f"must be JSON (from {name})")
+    return ConfigProblem("environment", _show(f"{_ENV_PREFIX}*"), str(exc))
+
+
+def _env_name_for(loc: tuple[int | str, ...]) -> str | None:
+    """The TETHER_* variable that supplied the value at ``loc``, when one did."""
+    keys: list[str] = []
+    for part in loc:
+        if not isinstance(part, str):
+            break
+        keys.append(part)
+    by_upper = {name.upper(): name for name in os.environ}
+    for depth in range(len(keys), 0, -1):
+        name = by_upper.get(_ENV_PREFIX + _ENV_DELIMITER.join(keys[:depth]).upper())
+        if name is None:
+            continue
+        if depth == len(keys) or _json_has(os.environ[name], keys[depth:]):
+            return name
+    return None
+
+
+def _json_has(text: str, keys: Sequence[str]) -> bool:
+    """Whether ``text`` is a JSON object holding the nested ``keys``."""
+    try:
+        node: object = json.loads(text)
+    except ValueError:
+        return False
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    """``("registry", "endpoints", 1)`` -> ``registry.endpoints[1]``."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return text.lstrip(".") or "config"
+
+
+def _show(value: object) -> str:
+    """repr() of a value, cut to _MAX_SHOWN characters so bad input is never echoed whole."""
+    text = repr(value)
+    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
+
+
+def _unwrap(annotation: object) -> object:
+    """Strip Annotated[...] and Optional[...] down to the type that carries the structure."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin is Union or origin is UnionType:
+            members = [arg for arg in get_args(annotation) if arg is not type(None)]
+            if len(members) != 1:
+                return annotation
+            annotation = members[0]
+        else:
+            return annotation
+
+
+def _is_model(annotation: object) -> TypeGuard[type[BaseModel]]:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _annotation_at(loc: Sequence[int | str]) -> Any:
+    """The declared type at an error location, walking models, dicts and tuples from the root."""
+    annotation: Any = TetherConfig
+    for part in loc:
+        annotation = _unwrap(annotation)
+        origin = get_origin(annotation)
+        if _is_model(annotation):
+            fields = annotation.model_fields
+            if not isinstance(part, str) or part not in fields:
+                return _UNKNOWN
+            annotation = fields[part].annotation
+        elif origin is dict:
+            key_type, value_type = get_args(annotation)
+            annotation = key_type if part == "[key]" else value_type
+        elif origin in (tuple, list):
+            annotation = get_args(annotation)[0]
+        else:
+            return _UNKNOWN
+    return annotation
+
+
+def _is_secret(annotation: object) -> bool:
+    """SecretStr anywhere in the type (Optional, dict values...) makes the whole value secret."""
+    if annotation is _UNKNOWN or annotation is SecretStr:
+        return True
+    if _is_model(annotation):
+        return False  # a model is walked field by field in _redact
+    return any(_is_secret(arg) for arg in get_args(annotation))
+
+
+def _redact(annotation: object, value: object) -> object:
+    """A copy of ``value`` safe to show: secret and undeclared parts replaced by the mask."""
+    if _is_secret(annotation):
+        return _MASKED
+    annotation = _unwrap(annotation)
+    origin = get_origin(annotation)
+    if _is_model(annotation) and isinstance(value, Mapping):
+        fields = annotation.model_fields
+        return {
+            key: _redact(fields[key].annotation if key in fields else _UNKNOWN, item)
+            for key, item in value.items()
+        }
+    if origin is dict and isinstance(value, Mapping):
+        value_type = get_args(annotation)[1]
+        return {key: _redact(value_type, item) for key, item in value.items()}
+    if origin in (tuple, list) and isinstance(value, (list, tuple)):
+        item_type = get_args(annotation)[0]
+        return [_redact(item_type, item) for item in value]
+    return value

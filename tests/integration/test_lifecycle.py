@@ -1,0 +1,186 @@
+"""The App lifecycle in a real process: serve, SIGTERM with a call in flight, drain, exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from echo.v1 import echo_pb2, echo_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import tether
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+WAIT = 20.0  # bound on every wait in this module; a healthy run needs well under a second each
+
+
+class ServiceProcess:
+    """The Echo service run with ``python -m support.echo_service``; its JSON log lines are read."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, target: str) -> None:
+        self.proc = proc
+        self.target = target
+        self.lines: list[dict[str, Any]] = []
+
+    async def wait_for_log(self, event: str) -> dict[str, Any]:
+        """Read log lines until one has ``event``; fail with what was seen if it never comes."""
+        for line in self.lines:
+            if line.get("event") == event:
+                return line
+        assert self.proc.stdout is not None
+        try:
+            async with asyncio.timeout(WAIT):
+                while True:
+                    raw = await self.proc.stdout.readline()
+                    if not raw:
+                        break
+                    line = json.loads(raw)
+                    self.lines.append(line)
+                    if line.get("event") == event:
+                        return line
+        except TimeoutError:
+            pass
+        seen = [entry.get("event") for entry in self.lines]
+        pytest.fail(f"service never logged {event!r}; it logged {seen}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[ServiceProcess]:
+    port = _free_port()
+    config = tmp_path / "tether.yaml"
+    config.write_text(
+        "service: {name: echo}\n"
+        f"server: {{host: 127.0.0.1, port: {port}, drain_seconds: 0.3, grace_seconds: 10}}\n"
+        "registry: {backend: none}\n"
+        "metrics: {enabled: false}\n"
+        "logging: {format: json}\n"
+    )
+    env = {**os.environ, "TETHER_CONFIG": str(config)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "support.echo_service",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    service = ServiceProcess(proc, f"127.0.0.1:{port}")
+    try:
+        yield service
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def _next_status(watch: Any) -> int:
+    async with asyncio.timeout(WAIT):
+        reply = await watch.read()
+    assert reply is not grpc.aio.EOF, "health watch ended before the expected status"
+    return int(reply.status)
+
+
+async def test_sigterm_drains_in_flight_call_and_exits_zero(service: ServiceProcess) -> None:
+    """SIGTERM: health NOT_SERVING, in-flight call completes, new calls refused, exit 0."""
+    await service.wait_for_log("serving")
+    async with tether.dial(service.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="echo.v1.Echo"))
+        assert await _next_status(watch) == SERVING
+
+        echo = echo_pb2_grpc.EchoStub(channel)
+        held = asyncio.ensure_future(echo.Hold(echo_pb2.SayRequest(text="in flight"), timeout=WAIT))
+        await service.wait_for_log("hold started")
+
+        service.proc.send_signal(signal.SIGTERM)
+        assert await _next_status(watch) == NOT_SERVING
+
+        await service.wait_for_log("refusing new calls")
+        assert not held.done(), "the held call ended before it was released"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await echo.Say(echo_pb2.SayRequest(text="too late"), timeout=WAIT)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert refused.value.details() == "server is shutting down"
+
+        service.proc.send_signal(signal.SIGUSR1)  # release the held call
+        reply = await held
+        assert reply.text == "in flight"
+
+    async with asyncio.timeout(WAIT):
+        code = await service.proc.wait()
+    assert code == 0
+    await service.wait_for_log("stopped")
+    events = [line["event"] for line in service.lines]
+    order = ["stopping", "draining", "refusing new calls", "stopping server", "stopped"]
+    assert [e for e in events if e in order] == order
+    assert service.lines[events.index("stopping server")]["in_flight"] == 0
+
+
+async def test_log_lines_carry_service_and_call_context(service: ServiceProcess) -> None:
+    """Lines written while serving carry the service, instance and method without the handler."""
+    await service.wait_for_log("serving")
+    async with tether.dial(service.target) as channel:
+        await echo_pb2_grpc.EchoStub(channel).Say(echo_pb2.SayRequest(text="hello"))
+    line = await service.wait_for_log("say")
+    assert line["service"] == "echo"
+    assert line["instance_id"].startswith("echo-")
+    assert line["rpc_method"] == "/echo.v1.Echo/Say"
+    assert line["rpc_side"] == "server"
+    service.proc.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(WAIT):
+        assert await service.proc.wait() == 0
+
+
+async def test_second_signal_skips_drain_and_grace(service: ServiceProcess) -> None:
+    """A second SIGTERM cancels the held call instead of waiting out the grace period."""
+    await service.wait_for_log("serving")
+    async with tether.dial(service.target) as channel:
+        echo = echo_pb2_grpc.EchoStub(channel)
+        held = asyncio.ensure_future(echo.Hold(echo_pb2.SayRequest(text="x"), timeout=WAIT))
+        await service.wait_for_log("hold started")
+        service.proc.send_signal(signal.SIGTERM)
+        await service.wait_for_log("stopping")
+        service.proc.send_signal(signal.SIGTERM)
+        await service.wait_for_log("second signal: stopping now")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await held
+        assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    async with asyncio.timeout(WAIT):
+        assert await service.proc.wait() == 0
+
+
+async def test_bad_config_refused_at_start(tmp_path: Path) -> None:
+    """A bad value in the file stops start-up with field, value and rule, exit status 2."""
+    config = tmp_path / "tether.yaml"
+    config.write_text("service: {name: echo}\nregistry: {ttl_seconds: -1}\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tether.cli",
+        "run",
+        "support.echo_service:build_app",
+        env={**os.environ, "TETHER_CONFIG": str(config)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(WAIT):
+        out, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert "registry.ttl_seconds=-1: must be >= 2" in err.decode()
+    assert "Traceback" not in err.decode()

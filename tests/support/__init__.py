@@ -1,0 +1,1 @@
+"""Shared pieces of the framework's own tests (not part of tether.testing)."""

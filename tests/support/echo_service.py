@@ -1,0 +1,99 @@
+"""The Echo servicer used across the tests, in-process and as a subprocess (``python -m``)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+from echo.v1 import echo_pb2, echo_pb2_grpc
+
+import tether
+from tether import current_call, get_logger
+
+log = get_logger("echo")
+
+
+class BoomError(Exception):
+    """An unexpected failure carrying internals that must never reach a client."""
+
+
+def _seen() -> dict[str, str]:
+    call = current_call()
+    if call is None:
+        return {"call": "none"}
+    seen = {
+        "method": call.method.full,
+        "service": call.method.qualified_service,
+        "side": call.side.value,
+        "deadline": "yes" if call.deadline is not None else "no",
+    }
+    for key, value in call.metadata:
+        if key.startswith("x-"):
+            seen[key] = value if isinstance(value, str) else value.hex()
+    return seen
+
+
+def _maybe_fail(fail: str) -> None:
+    if fail == "boom":
+        raise BoomError("secret-internal-detail at /srv/app.py:42")
+    if fail == "not-found":
+        raise tether.NotFound("no such thing")
+    if fail == "exhausted":
+        raise tether.ResourceExhausted("slow down", retry_after=1.5)
+
+
+class EchoServicer(echo_pb2_grpc.EchoServicer):
+    """Echo, with failures on request and a call that waits for a release signal."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def Say(self, request: Any, context: Any) -> Any:  # noqa: N802
+        _maybe_fail(request.fail)
+        if request.fail == "abort":
+            await context.abort(tether.InvalidArgument.code, "aborted by servicer")
+        log.info("say", text=request.text)
+        return echo_pb2.SayReply(text=request.text, seen=_seen())
+
+    async def Hold(self, request: Any, context: Any) -> Any:  # noqa: N802
+        log.info("hold started")
+        await self.release.wait()
+        log.info("hold released")
+        return echo_pb2.SayReply(text=request.text)
+
+    async def Split(self, request: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
+        for i, word in enumerate(request.text.split()):
+            if i == 1:
+                _maybe_fail(request.fail)
+            yield echo_pb2.SayReply(text=word, seen=_seen())
+
+    async def Join(self, request_iterator: Any, context: Any) -> Any:  # noqa: N802
+        texts = []
+        async for request in request_iterator:
+            _maybe_fail(request.fail)
+            texts.append(request.text)
+        return echo_pb2.SayReply(text=" ".join(texts), seen=_seen())
+
+    async def Chat(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
+        async for request in request_iterator:
+            _maybe_fail(request.fail)
+            yield echo_pb2.SayReply(text=request.text, seen=_seen())
+
+
+def build_app(config: tether.TetherConfig | None = None) -> tether.App:
+    """An App serving Echo; SIGUSR1 releases every held call."""
+    app = tether.App(config)
+    servicer = EchoServicer()
+    app.add_servicer(echo_pb2_grpc.add_EchoServicer_to_server, servicer)
+
+    @app.after_start
+    async def release_on_sigusr1(_: tether.App) -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, servicer.release.set)
+
+    return app
+
+
+if __name__ == "__main__":
+    build_app().run()
