@@ -180,7 +180,7 @@ async def test_bad_config_refused_at_start(tmp_path: Path) -> None:
         stderr=asyncio.subprocess.PIPE,
     )
     async with asyncio.timeout(WAIT):
-        out, err = await proc.communicate()
+        _, err = await proc.communicate()
     assert proc.returncode == 2
     assert "registry.ttl_seconds=-1: must be >= 2" in err.decode()
     assert "Traceback" not in err.decode()
