@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import UnionType
-from typing import Annotated, Any, Literal, Self, TypeGuard, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Self, get_args
 
 import yaml
 from pydantic import (
@@ -20,7 +18,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -29,6 +26,15 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from tether.config_problems import (
+    DNS_LABEL,
+    ENV_DELIMITER,
+    ENV_PREFIX,
+    problem_from_settings,
+    problems_from,
+    relevant_env,
+    show,
+)
 from tether.errors import ConfigError, ConfigProblem
 
 __all__ = [
@@ -45,21 +51,9 @@ __all__ = [
     "render_config",
 ]
 
-_ENV_PREFIX = "TETHER_"
-_ENV_DELIMITER = "__"
 # Names the YAML file; read by load_config itself, never a settings field.
 _CONFIG_PATH_VAR = "TETHER_CONFIG"
 _DEFAULT_CONFIG_FILE = "tether.yaml"
-
-_MASK = "**********"
-_MAX_SHOWN = 80
-_DNS_LABEL = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"
-_PATTERN_RULES = {
-    _DNS_LABEL: (
-        "must be a lowercase DNS label: a-z, 0-9 and '-', starting with a letter, "
-        "at most 63 characters"
-    ),
-}
 
 
 def _parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -95,7 +89,7 @@ class ServiceConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(
-        pattern=_DNS_LABEL,
+        pattern=DNS_LABEL,
         description="Service name, a lowercase DNS label; clients discover the service by it.",
     )
     version: str = Field(default="0.0.0", description="Version published to the registry.")
@@ -299,7 +293,7 @@ class TetherConfig(BaseSettings):
     """Everything a tether service is configured with; environment variables beat the file."""
 
     model_config = SettingsConfigDict(
-        env_prefix=_ENV_PREFIX, env_nested_delimiter=_ENV_DELIMITER, frozen=True, extra="forbid"
+        env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER, frozen=True, extra="forbid"
     )
 
     service: ServiceConfig = Field(description="Identity of this service.")
@@ -344,7 +338,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> TetherConfig:
     data = _read_file(file, origin) if file is not None else {}
     if file is not None:
         source = str(file)
-    elif _relevant_env():
+    elif relevant_env(TetherConfig):
         source = "environment"
     else:
         source = "defaults"
@@ -352,10 +346,9 @@ def load_config(path: str | os.PathLike[str] | None = None) -> TetherConfig:
     try:
         return TetherConfig(**data)
     except ValidationError as exc:
-        problems = [_problem_from(error) for error in exc.errors(include_url=False)]
-        raise ConfigError(problems, source=source) from None
+        raise ConfigError(problems_from(exc, TetherConfig), source=source) from None
     except SettingsError as exc:
-        raise ConfigError([_problem_from_settings(exc)], source=source) from None
+        raise ConfigError([problem_from_settings(exc, TetherConfig)], source=source) from None
 
 
 def render_config(config: TetherConfig) -> str:
@@ -387,7 +380,7 @@ def _read_file(file: Path, origin: str | None) -> dict[str, Any]:
     suffix = f" (from {origin})" if origin else ""
 
     def refuse(rule: str) -> ConfigError:
-        problem = ConfigProblem("config", _show(str(file)), rule + suffix)
+        problem = ConfigProblem("config", show(str(file)), rule + suffix)
         return ConfigError([problem], source=str(file))
 
     try:
@@ -410,216 +403,3 @@ def _read_file(file: Path, origin: str | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise refuse("must be a mapping of sections (service, server, ...)")
     return {str(key): value for key, value in data.items()}
-
-
-def _relevant_env() -> list[str]:
-    """Names of environment variables that feed a TetherConfig field."""
-    heads = tuple(f"{_ENV_PREFIX}{name}".upper() for name in TetherConfig.model_fields)
-    nested = tuple(head + _ENV_DELIMITER for head in heads)
-    return [name for name in os.environ if name.upper() in heads or name.upper().startswith(nested)]
-
-
-class _Masked:
-    """Stands in for a withheld value; shows as the mask, also inside a container's repr."""
-
-    def __repr__(self) -> str:
-        return repr(_MASK)
-
-
-_MASKED = _Masked()
-_UNKNOWN = object()  # the type at a location no model declares; its value is withheld
-
-_FIXED_RULES = {
-    "missing": "is required",
-    "int_type": "must be an integer",
-    "int_parsing": "must be an integer",
-    "int_from_float": "must be an integer",
-    "float_type": "must be a number",
-    "float_parsing": "must be a number",
-    "bool_type": "must be true or false",
-    "bool_parsing": "must be true or false",
-    "string_type": "must be a string",
-    "dict_type": "must be a mapping",
-    "model_type": "must be a mapping",
-    "model_attributes_type": "must be a mapping",
-    "tuple_type": "must be a list",
-    "list_type": "must be a list",
-    "path_type": "must be a file path",
-}
-_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-_BOUND_TYPES = {
-    "greater_than": "gt",
-    "greater_than_equal": "ge",
-    "less_than": "lt",
-    "less_than_equal": "le",
-}
-
-
-def _problem_from(error: ErrorDetails) -> ConfigProblem:
-    """Translate one pydantic error into a ConfigProblem: dotted field, safe value, short rule."""
-    loc = error["loc"]
-    annotation = _annotation_at(loc)
-    if error["type"] == "missing":
-        value = "<missing>"
-    else:
-        value = _show(_redact(annotation, error["input"]))
-    rule = _rule(error, annotation)
-    env_name = _env_name_for(loc)
-    if env_name:
-        rule += f" (from {env_name})"
-    return ConfigProblem(_dotted(loc), value, rule)
-
-
-def _rule(error: ErrorDetails, annotation: object) -> str:
-    kind = error["type"]
-    ctx = error.get("ctx", {})
-    if kind in _BOUND_TYPES:
-        bound = _BOUND_TYPES[kind]
-        limit = ctx[bound]
-        if isinstance(limit, float) and limit.is_integer():
-            limit = int(limit)  # pydantic reports ge=0 on a float field as 0.0
-        return f"must be {_BOUNDS[bound]} {limit}"
-    if kind == "literal_error":
-        choices = get_args(_unwrap(annotation))
-        if choices:
-            return "must be one of: " + ", ".join(repr(choice) for choice in choices)
-        return f"must be {ctx.get('expected', 'one of the allowed values')}"
-    if kind == "extra_forbidden":
-        model = _unwrap(_annotation_at(error["loc"][:-1]))
-        if _is_model(model):
-            return "unknown field; allowed: " + ", ".join(sorted(model.model_fields))
-        return "unknown field"
-    if kind == "string_pattern_mismatch":
-        pattern = str(ctx.get("pattern", ""))
-        return _PATTERN_RULES.get(pattern, f"must match {pattern}")
-    if kind in ("value_error", "assertion_error") and "error" in ctx:
-        return str(ctx["error"])
-    if kind == "too_short" and ctx.get("min_length") == 1:
-        return "must not be empty"
-    return _FIXED_RULES.get(kind, error["msg"])
-
-
-def _problem_from_settings(exc: SettingsError) -> ConfigProblem:
-    """Name the variable behind a SettingsError (a complex value that is not JSON)."""
-    cause = exc.__cause__
-    if isinstance(cause, json.JSONDecodeError):
-        for name in _relevant_env():
-            if os.environ[name] == cause.doc:
-                loc = tuple(name[len(_ENV_PREFIX) :].lower().split(_ENV_DELIMITER))
-                value = _show(_redact(_annotation_at(loc), cause.doc))
-                return ConfigProblem(_dotted(loc), value, f"must be JSON (from {name})")
-    return ConfigProblem("environment", _show(f"{_ENV_PREFIX}*"), str(exc))
-
-
-def _env_name_for(loc: tuple[int | str, ...]) -> str | None:
-    """The TETHER_* variable that supplied the value at ``loc``, when one did."""
-    keys: list[str] = []
-    for part in loc:
-        if not isinstance(part, str):
-            break
-        keys.append(part)
-    by_upper = {name.upper(): name for name in os.environ}
-    for depth in range(len(keys), 0, -1):
-        name = by_upper.get(_ENV_PREFIX + _ENV_DELIMITER.join(keys[:depth]).upper())
-        if name is None:
-            continue
-        if depth == len(keys) or _json_has(os.environ[name], keys[depth:]):
-            return name
-    return None
-
-
-def _json_has(text: str, keys: Sequence[str]) -> bool:
-    """Whether ``text`` is a JSON object holding the nested ``keys``."""
-    try:
-        node: object = json.loads(text)
-    except ValueError:
-        return False
-    for key in keys:
-        if not isinstance(node, dict) or key not in node:
-            return False
-        node = node[key]
-    return True
-
-
-def _dotted(loc: tuple[int | str, ...]) -> str:
-    """``("registry", "endpoints", 1)`` -> ``registry.endpoints[1]``."""
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return text.lstrip(".") or "config"
-
-
-def _show(value: object) -> str:
-    """repr() of a value, cut to _MAX_SHOWN characters so bad input is never echoed whole."""
-    text = repr(value)
-    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
-
-
-def _unwrap(annotation: object) -> object:
-    """Strip Annotated[...] and Optional[...] down to the type that carries the structure."""
-    while True:
-        origin = get_origin(annotation)
-        if origin is Annotated:
-            annotation = get_args(annotation)[0]
-        elif origin is Union or origin is UnionType:
-            members = [arg for arg in get_args(annotation) if arg is not type(None)]
-            if len(members) != 1:
-                return annotation
-            annotation = members[0]
-        else:
-            return annotation
-
-
-def _is_model(annotation: object) -> TypeGuard[type[BaseModel]]:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
-
-
-def _annotation_at(loc: Sequence[int | str]) -> Any:
-    """The declared type at an error location, walking models, dicts and tuples from the root."""
-    annotation: Any = TetherConfig
-    for part in loc:
-        annotation = _unwrap(annotation)
-        origin = get_origin(annotation)
-        if _is_model(annotation):
-            fields = annotation.model_fields
-            if not isinstance(part, str) or part not in fields:
-                return _UNKNOWN
-            annotation = fields[part].annotation
-        elif origin is dict:
-            key_type, value_type = get_args(annotation)
-            annotation = key_type if part == "[key]" else value_type
-        elif origin in (tuple, list):
-            annotation = get_args(annotation)[0]
-        else:
-            return _UNKNOWN
-    return annotation
-
-
-def _is_secret(annotation: object) -> bool:
-    """SecretStr anywhere in the type (Optional, dict values...) makes the whole value secret."""
-    if annotation is _UNKNOWN or annotation is SecretStr:
-        return True
-    if _is_model(annotation):
-        return False  # a model is walked field by field in _redact
-    return any(_is_secret(arg) for arg in get_args(annotation))
-
-
-def _redact(annotation: object, value: object) -> object:
-    """A copy of ``value`` safe to show: secret and undeclared parts replaced by the mask."""
-    if _is_secret(annotation):
-        return _MASKED
-    annotation = _unwrap(annotation)
-    origin = get_origin(annotation)
-    if _is_model(annotation) and isinstance(value, Mapping):
-        fields = annotation.model_fields
-        return {
-            key: _redact(fields[key].annotation if key in fields else _UNKNOWN, item)
-            for key, item in value.items()
-        }
-    if origin is dict and isinstance(value, Mapping):
-        value_type = get_args(annotation)[1]
-        return {key: _redact(value_type, item) for key, item in value.items()}
-    if origin in (tuple, list) and isinstance(value, (list, tuple)):
-        item_type = get_args(annotation)[0]
-        return [_redact(item_type, item) for item in value]
-    return value
