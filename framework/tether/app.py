@@ -8,6 +8,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -74,9 +75,10 @@ class App:
     Start-up: ``before_start`` hooks, server bound and started, health SERVING,
     ``after_start`` hooks (registration goes here).
     Shutdown (SIGTERM, SIGINT, or :meth:`stop`): health NOT_SERVING, ``before_stop`` hooks
-    (deregistration goes here), ``server.drain_seconds`` of drain so callers route away,
-    ``server.stop(grace_seconds)`` (in-flight calls finish, new ones are refused), ``after_stop``
-    hooks. A second signal during shutdown skips the drain and the grace period.
+    (deregistration goes here), ``server.drain_seconds`` of drain so callers route away, new
+    calls refused with UNAVAILABLE while in-flight ones finish within ``server.grace_seconds``,
+    ``server.stop()``, ``after_stop`` hooks. A second SIGINT (Ctrl-C) skips what is left of the
+    drain and grace period; a repeated SIGTERM is ignored.
 
     Args:
         config: the service's configuration; loaded with :func:`tether.load_config` if omitted.
@@ -287,12 +289,15 @@ class App:
         signalled = asyncio.Event()
 
         def on_signal(signum: int) -> None:
-            if signalled.is_set():
-                _log.warning("second signal: stopping now", signal=signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if not signalled.is_set():
+                _log.info("signal received", signal=name)
+                signalled.set()
+            elif signum == signal.SIGINT:
+                # A person pressing Ctrl-C again. A repeated SIGTERM is not: supervisors and
+                # `timeout` may deliver one stop request twice (to the process and its group).
+                _log.warning("second signal: stopping now", signal=name)
                 self.hurry()
-                return
-            _log.info("signal received", signal=signal.Signals(signum).name)
-            signalled.set()
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
@@ -305,14 +310,37 @@ class App:
                 loop.remove_signal_handler(signum)
 
     def run(self) -> None:
-        """Configure logging and serve until a signal; the process then exits with status 0."""
+        """Configure logging and serve until a signal; then return, so the process exits 0.
+
+        Raises:
+            SystemExit: with status 2 and the problems on stderr when start-up refuses the
+                configuration (for example the port cannot be bound).
+        """
         cfg = self.config
         configure_logging(
             cfg.logging.level,
             cfg.logging.format,
             static={"service": cfg.service.name, "instance_id": self.instance_id},
         )
-        asyncio.run(self.serve())
+        try:
+            asyncio.run(self.serve())
+        except ConfigError as exc:
+            print(f"{cfg.service.name}: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    @classmethod
+    def main(cls, factory: Callable[[], App]) -> None:
+        """Entry point for ``python -m yourservice``: build the app with ``factory`` and run it.
+
+        A configuration refused while building or starting exits with status 2 and the
+        problems on stderr, never a traceback.
+        """
+        try:
+            app = factory()
+        except ConfigError as exc:
+            print(f"{sys.argv[0]}: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        app.run()
 
     async def _run_hooks(self, phase: str) -> None:
         for hook in self._hooks[phase]:

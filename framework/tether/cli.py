@@ -81,7 +81,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     config.set_defaults(func=_cmd_config)
 
-    proto = commands.add_parser("proto", help="compile .proto files into Python modules")
+    proto = commands.add_parser(
+        "proto",
+        help="compile .proto files into Python modules",
+        description=(
+            "Compile .proto files with grpcio-tools into *_pb2.py, *_pb2.pyi and *_pb2_grpc.py. "
+            "Output mirrors the directories under --proto-path, with __init__.py at each level: "
+            "generate into the directory that holds your service package (proto package "
+            "'greeter.v1' lands in <out>/greeter/v1/), or a second 'greeter' package will "
+            "shadow yours."
+        ),
+    )
     proto.add_argument("sources", nargs="*", help=".proto files (default: all under --proto-path)")
     proto.add_argument("--proto-path", default="proto", help="import root (default: proto)")
     proto.add_argument("--out", default=".", help="output directory (default: .)")

@@ -132,6 +132,26 @@ async def test_sigterm_drains_in_flight_call_and_exits_zero(service: ServiceProc
     assert service.lines[events.index("stopping server")]["in_flight"] == 0
 
 
+async def test_repeated_sigterm_does_not_skip_the_drain(service: ServiceProcess) -> None:
+    """SIGTERM delivered twice (process and group) still drains and waits for calls in flight."""
+    await service.wait_for_log("serving")
+    async with tether.dial(service.target) as channel:
+        echo = echo_pb2_grpc.EchoStub(channel)
+        held = asyncio.ensure_future(echo.Hold(echo_pb2.SayRequest(text="kept"), timeout=WAIT))
+        await service.wait_for_log("hold started")
+        service.proc.send_signal(signal.SIGTERM)
+        service.proc.send_signal(signal.SIGTERM)
+        await service.wait_for_log("refusing new calls")
+        assert not held.done()
+        service.proc.send_signal(signal.SIGUSR1)
+        assert (await held).text == "kept"
+    async with asyncio.timeout(WAIT):
+        assert await service.proc.wait() == 0
+    events = [line["event"] for line in service.lines]
+    assert "second signal: stopping now" not in events
+    assert "draining" in events
+
+
 async def test_log_lines_carry_service_and_call_context(service: ServiceProcess) -> None:
     """Lines written while serving carry the service, instance and method without the handler."""
     await service.wait_for_log("serving")
@@ -147,16 +167,16 @@ async def test_log_lines_carry_service_and_call_context(service: ServiceProcess)
         assert await service.proc.wait() == 0
 
 
-async def test_second_signal_skips_drain_and_grace(service: ServiceProcess) -> None:
-    """A second SIGTERM cancels the held call instead of waiting out the grace period."""
+async def test_second_sigint_skips_drain_and_grace(service: ServiceProcess) -> None:
+    """A second Ctrl-C (SIGINT) cancels the held call instead of waiting out the grace period."""
     await service.wait_for_log("serving")
     async with tether.dial(service.target) as channel:
         echo = echo_pb2_grpc.EchoStub(channel)
         held = asyncio.ensure_future(echo.Hold(echo_pb2.SayRequest(text="x"), timeout=WAIT))
         await service.wait_for_log("hold started")
-        service.proc.send_signal(signal.SIGTERM)
+        service.proc.send_signal(signal.SIGINT)
         await service.wait_for_log("stopping")
-        service.proc.send_signal(signal.SIGTERM)
+        service.proc.send_signal(signal.SIGINT)
         await service.wait_for_log("second signal: stopping now")
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await held
@@ -165,16 +185,21 @@ async def test_second_signal_skips_drain_and_grace(service: ServiceProcess) -> N
         assert await service.proc.wait() == 0
 
 
-async def test_bad_config_refused_at_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "tether.cli", "run", "support.echo_service:build_app"],
+        ["-m", "support.echo_service"],
+    ],
+    ids=["tether-run", "app-main"],
+)
+async def test_bad_config_refused_at_start(tmp_path: Path, command: list[str]) -> None:
     """A bad value in the file stops start-up with field, value and rule, exit status 2."""
     config = tmp_path / "tether.yaml"
     config.write_text("service: {name: echo}\nregistry: {ttl_seconds: -1}\n")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "tether.cli",
-        "run",
-        "support.echo_service:build_app",
+        *command,
         env={**os.environ, "TETHER_CONFIG": str(config)},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

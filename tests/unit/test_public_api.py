@@ -1,0 +1,72 @@
+"""The public surface is pinned: adding or removing a name is a deliberate change."""
+
+from __future__ import annotations
+
+import tether
+import tether.testing
+
+PUBLIC = [
+    "AlreadyExists",
+    "App",
+    "CallContext",
+    "ChainClientInterceptor",
+    "ChainServerInterceptor",
+    "ConfigError",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "Handler",
+    "Internal",
+    "InvalidArgument",
+    "Metadata",
+    "MethodName",
+    "Middleware",
+    "NotFound",
+    "PermissionDenied",
+    "RemoteError",
+    "ResourceExhausted",
+    "Side",
+    "StatusError",
+    "TetherConfig",
+    "TetherError",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "__version__",
+    "chain",
+    "configure_logging",
+    "current_call",
+    "default_client_middleware",
+    "default_server_middleware",
+    "dial",
+    "get_logger",
+    "load_config",
+    "recover",
+    "use_call",
+]
+
+TESTING = [
+    "EtcdNotFound",
+    "EtcdServer",
+    "EtcdStartError",
+    "find_etcd_binary",
+    "loopback_config",
+    "running",
+]
+
+
+def test_tether_all_is_pinned() -> None:
+    """tether.__all__ is exactly the agreed list, sorted."""
+    assert tether.__all__ == PUBLIC
+    assert sorted(tether.__all__) == tether.__all__
+
+
+def test_every_public_name_resolves() -> None:
+    """Every name in __all__ exists on the package."""
+    missing = [name for name in tether.__all__ if not hasattr(tether, name)]
+    assert missing == []
+
+
+def test_testing_all_is_pinned() -> None:
+    """tether.testing.__all__ is exactly the agreed list."""
+    assert tether.testing.__all__ == TESTING
+    assert all(hasattr(tether.testing, name) for name in TESTING)
