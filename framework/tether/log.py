@@ -44,8 +44,12 @@ class _StaticFields:
         return event_dict
 
 
-def _orjson_dumps(obj: Any, default: Any = None) -> bytes:
+def _orjson_bytes(obj: Any, default: Any = None) -> bytes:
     return orjson.dumps(obj, default=default or repr)
+
+
+def _orjson_text(obj: Any, default: Any = None) -> str:
+    return _orjson_bytes(obj, default).decode()
 
 
 def configure_logging(
@@ -76,12 +80,14 @@ def configure_logging(
         processors.append(structlog.dev.ConsoleRenderer(colors=False))
         factory: Any = structlog.WriteLoggerFactory(file=out)
     else:
-        processors += [
-            structlog.processors.dict_tracebacks,
-            structlog.processors.JSONRenderer(serializer=_orjson_dumps),
-        ]
-        binary: Any = getattr(out, "buffer", out)
-        factory = structlog.BytesLoggerFactory(file=binary)
+        processors.append(structlog.processors.dict_tracebacks)
+        binary: Any = getattr(out, "buffer", None)
+        if binary is not None:  # a real file: orjson's bytes go straight to it
+            processors.append(structlog.processors.JSONRenderer(serializer=_orjson_bytes))
+            factory = structlog.BytesLoggerFactory(file=binary)
+        else:  # a text-only stream (StringIO, some wrappers)
+            processors.append(structlog.processors.JSONRenderer(serializer=_orjson_text))
+            factory = structlog.WriteLoggerFactory(file=out)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

@@ -63,6 +63,13 @@ async def test_unary_unary_sees_server_context(stub: Any) -> None:
     assert reply.seen["x-user"] == "ada"
 
 
+async def test_no_deadline_when_caller_sets_none(echo_app: tether.App) -> None:
+    """A call without a timeout reaches the server with no deadline, not an invented one."""
+    async with grpc.aio.insecure_channel(echo_app.target) as channel:
+        reply = await echo_pb2_grpc.EchoStub(channel).Say(Req(text="hi"))
+    assert reply.seen["deadline"] == "no"
+
+
 async def test_unary_stream(stub: Any) -> None:
     """A server-streaming call yields every message through the chain."""
     replies = [r.text async for r in stub.Split(Req(text="a b c"))]
