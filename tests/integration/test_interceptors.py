@@ -137,6 +137,25 @@ async def test_client_chain_runs_for_every_shape(echo_app: tether.App, method: s
     assert seen[0].peer == echo_app.target
 
 
+async def test_server_handlers_are_wrapped_once_per_method() -> None:
+    """The server chain is composed on a method's first call, then reused for every call."""
+    wrapped: list[int] = []
+
+    def counting(handler: Handler) -> Handler:
+        wrapped.append(1)
+        return handler
+
+    app = build_app(loopback_config("echo"))
+    app.middleware = (counting,)
+    async with running(app), tether.dial(app.target) as channel:
+        stub = echo_pb2_grpc.EchoStub(channel)
+        for _ in range(5):
+            await stub.Say(Req(text="x"))
+        for _ in range(3):
+            _ = [r async for r in stub.Split(Req(text="a b"))]
+    assert len(wrapped) == 2  # Say and Split, once each
+
+
 async def test_client_middleware_changes_metadata_and_deadline(echo_app: tether.App) -> None:
     """Metadata a client middleware adds, and the deadline it sets, reach the server."""
 
