@@ -75,7 +75,9 @@ def _server_terminal(behavior: Callable[..., Any], response_streaming: bool) -> 
             if is_coroutine:
                 return await behavior(request, context)
             if response_streaming:
-                return _as_async_stream(behavior(request, context))
+                # An (async) generator: _catch_aborts iterates it. A plain generator runs on
+                # the event loop, so it must not block.
+                return behavior(request, context)
             # A plain function blocks: run it on a worker thread, with this call's context.
             return await asyncio.to_thread(behavior, request, context)
         except grpc.aio.AbortError as exc:

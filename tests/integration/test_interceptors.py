@@ -341,3 +341,31 @@ async def test_unknown_method_is_unimplemented(echo_app: tether.App) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call(b"")
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+class WriterServicer(echo_pb2_grpc.EchoServicer):
+    """Streams with context.write() from a coroutine instead of yielding."""
+
+    async def Split(self, request: Any, context: Any) -> None:  # noqa: N802
+        for word in request.text.split():
+            await context.write(echo_pb2.SayReply(text=word))
+
+
+class SyncGeneratorServicer(echo_pb2_grpc.EchoServicer):
+    """Streams from a plain (non-async) generator."""
+
+    def Split(self, request: Any, context: Any) -> Any:  # noqa: N802
+        for word in request.text.split():
+            yield echo_pb2.SayReply(text=word)
+
+
+@pytest.mark.parametrize("servicer", [WriterServicer, SyncGeneratorServicer])
+async def test_other_streaming_styles_go_through_the_chain(servicer: type) -> None:
+    """context.write() coroutines and plain generators stream through the chain too."""
+    seen: list[CallContext] = []
+    app = tether.App(loopback_config("styles"), middleware=[tether.recover, recording(seen)])
+    app.add_servicer(echo_pb2_grpc.add_EchoServicer_to_server, servicer())
+    async with running(app), tether.dial(app.target) as channel:
+        replies = [r.text async for r in echo_pb2_grpc.EchoStub(channel).Split(Req(text="a b c"))]
+    assert replies == ["a", "b", "c"]
+    assert len(seen) == 1 and seen[0].response_streaming
