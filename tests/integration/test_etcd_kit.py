@@ -23,9 +23,7 @@ pytest_plugins = ["pytester"]
 @contextmanager
 def connect(server: EtcdServer, timeout: float = 5.0) -> Iterator[etcd3.Etcd3Client]:
     """An etcd3 client on ``server`` whose calls are bounded by ``timeout``."""
-    client = etcd3.client(host=server.host, port=server.port, timeout=timeout)
-    # As the etcd_client fixture does: etcd3 refuses its only endpoint for 300 s after a timeout.
-    client.endpoint_in_use.time_retry = 0
+    client = server.client(timeout)
     try:
         yield client
     finally:
@@ -262,10 +260,9 @@ def test_taken_fixed_client_port_raises_start_error(listening_port: int) -> None
     server.close()
 
 
-def test_start_picks_new_ports_when_a_picked_one_is_taken(
-    monkeypatch: pytest.MonkeyPatch, listening_port: int
-) -> None:
-    """If another process takes a picked port before etcd binds it, start() picks again."""
+@pytest.fixture
+def picks(monkeypatch: pytest.MonkeyPatch, listening_port: int) -> list[list[int]]:
+    """Make the first port pick land on a taken port; record every pick."""
     picks: list[list[int]] = []
     pick_free_ports = etcd_kit._free_ports
 
@@ -275,25 +272,22 @@ def test_start_picks_new_ports_when_a_picked_one_is_taken(
         return picks[-1]
 
     monkeypatch.setattr(etcd_kit, "_free_ports", first_pick_taken)
+    return picks
 
+
+def test_start_picks_new_ports_when_a_picked_one_is_taken(
+    picks: list[list[int]], listening_port: int
+) -> None:
+    """If another process takes a picked port before etcd binds it, start() picks again."""
     with EtcdServer() as server:
         assert len(picks) == 2
         assert server.port != listening_port
 
 
 def test_start_retries_when_etcd_exits_because_a_port_was_taken(
-    monkeypatch: pytest.MonkeyPatch, listening_port: int
+    monkeypatch: pytest.MonkeyPatch, picks: list[list[int]], listening_port: int
 ) -> None:
     """etcd's own "address already in use" exit (the port taken after our check) is retried."""
-    picks: list[list[int]] = []
-    pick_free_ports = etcd_kit._free_ports
-
-    def first_pick_taken(count: int, taken: set[int]) -> list[int]:
-        ports = pick_free_ports(count, taken | {listening_port})
-        picks.append([listening_port, *ports[1:]] if not picks else ports)
-        return picks[-1]
-
-    monkeypatch.setattr(etcd_kit, "_free_ports", first_pick_taken)
     monkeypatch.setattr(etcd_kit, "_is_port_in_use", lambda port: False)
 
     with EtcdServer() as server:

@@ -19,7 +19,10 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
+
+if TYPE_CHECKING:
+    import etcd3
 
 __all__ = ["EtcdNotFound", "EtcdServer", "EtcdStartError", "find_etcd_binary"]
 
@@ -368,6 +371,18 @@ class EtcdServer:
         """
         self._running_process("resume").send_signal(signal.SIGCONT)
         self._paused = False
+
+    def client(self, timeout: float = 5.0) -> etcd3.Etcd3Client:
+        """A new ``etcd3`` client on this server, every call bounded by ``timeout``; close it.
+
+        etcd3 refuses its only endpoint for 300 s after one UNAVAILABLE or DEADLINE_EXCEEDED;
+        this client gets it back as soon as etcd answers again, which fault tests need.
+        """
+        import etcd3  # late: only tests that talk to etcd pay for it
+
+        client = etcd3.client(host=self.host, port=self.port, timeout=timeout)
+        client.endpoint_in_use.time_retry = 0
+        return client
 
     def restart(self, wipe: bool = False) -> None:
         """Stop etcd and start it again on the same ports.

@@ -44,13 +44,7 @@ def etcd_session() -> Iterator[EtcdServer]:
 @pytest.fixture
 def etcd_client(etcd: EtcdServer) -> Iterator[etcd3.Etcd3Client]:
     """An ``etcd3`` client on the ``etcd`` fixture, each call bounded to 5 s; closed after."""
-    # Imported here so pytest start-up does not pay for etcd3 in runs that never use it.
-    import etcd3
-
-    client = etcd3.client(host=etcd.host, port=etcd.port, timeout=_CLIENT_TIMEOUT)
-    # etcd3 refuses its only endpoint for 300 s after one UNAVAILABLE or DEADLINE_EXCEEDED;
-    # tests that stop or pause etcd need the client back as soon as etcd is.
-    client.endpoint_in_use.time_retry = 0
+    client = etcd.client(timeout=_CLIENT_TIMEOUT)
     try:
         yield client
     finally:
