@@ -190,23 +190,21 @@ class App:
                 (*self.services, "grpc.health.v1.Health", reflection.SERVICE_NAME), server
             )
         address = f"{cfg.host}:{cfg.port}"
+        unbindable = ConfigError(
+            [
+                ConfigProblem(
+                    "server.port",
+                    repr(cfg.port),
+                    f"cannot bind {address} (in use, or not permitted)",
+                )
+            ]
+        )
         try:
             port = server.add_insecure_port(address)
-        except RuntimeError as exc:
-            port = 0
-            cause: Exception | None = exc
-        else:
-            cause = None
+        except RuntimeError as exc:  # newer grpcio raises; older ones return 0
+            raise unbindable from exc
         if port == 0:
-            raise ConfigError(
-                [
-                    ConfigProblem(
-                        "server.port",
-                        repr(cfg.port),
-                        f"cannot bind {address} (in use, or not permitted)",
-                    )
-                ]
-            ) from cause
+            raise unbindable
         self._server = server
         self._port = port
         await server.start()

@@ -37,9 +37,13 @@ def compile_protos(
     from grpc_tools import protoc  # imported late: it is heavy and only this needs it
 
     out = Path(out_dir)
+    root = Path(proto_path).resolve()
+    try:
+        stems = [Path(s).resolve().relative_to(root).with_suffix("") for s in sources]
+    except ValueError:
+        raise ProtoCompileError(f"every source must be inside --proto-path {root}") from None
     out.mkdir(parents=True, exist_ok=True)
     well_known = importlib.resources.files("grpc_tools") / "_proto"
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*_pb2*.py*")}
     args = [
         "grpc_tools.protoc",
         f"--proto_path={proto_path}",
@@ -51,7 +55,11 @@ def compile_protos(
     ]
     if protoc.main(args) != 0:
         raise ProtoCompileError(f"protoc failed on {', '.join(map(str, sources))}")
-    generated = [p for p in out.rglob("*_pb2*.py*") if before.get(p) != p.stat().st_mtime_ns]
+    generated = [
+        out / f"{stem}{suffix}"
+        for stem in stems
+        for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+    ]
     for directory in {p.parent for p in generated}:
         # Generated modules import each other by package path: make each level a package.
         d = directory

@@ -341,6 +341,7 @@ async def test_unknown_method_is_unimplemented(echo_app: tether.App) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call(b"")
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "/nope.v1.Nope/Nothing" not in echo_app._interceptor._handlers  # type: ignore[union-attr]
 
 
 class WriterServicer(echo_pb2_grpc.EchoServicer):

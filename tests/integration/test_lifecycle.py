@@ -26,10 +26,16 @@ WAIT = 20.0  # bound on every wait in this module; a healthy run needs well unde
 class ServiceProcess:
     """The Echo service run with ``python -m support.echo_service``; its JSON log lines are read."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, target: str) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
-        self.target = target
+        self.target = ""  # known once the service logs "serving"
         self.lines: list[dict[str, Any]] = []
+
+    async def hold(self, echo: Any, text: str) -> asyncio.Future[Any]:
+        """Start a Hold call and return it once the service says the call is in its handler."""
+        held = asyncio.ensure_future(echo.Hold(echo_pb2.SayRequest(text=text), timeout=WAIT))
+        await self.wait_for_log("hold started")
+        return held
 
     async def wait_for_log(self, event: str) -> dict[str, Any]:
         """Read log lines until one has ``event``; fail with what was seen if it never comes."""
@@ -53,21 +59,12 @@ class ServiceProcess:
         pytest.fail(f"service never logged {event!r}; it logged {seen}")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 async def service(tmp_path: Path) -> AsyncIterator[ServiceProcess]:
-    port = _free_port()
     config = tmp_path / "tether.yaml"
     config.write_text(
         "service: {name: echo}\n"
-        f"server: {{host: 127.0.0.1, port: {port}, drain_seconds: 0.3, grace_seconds: 10}}\n"
+        "server: {host: 127.0.0.1, port: 0, drain_seconds: 0.3, grace_seconds: 10}\n"
         "registry: {backend: none}\n"
         "metrics: {enabled: false}\n"
         "logging: {format: json}\n"
@@ -80,8 +77,9 @@ async def service(tmp_path: Path) -> AsyncIterator[ServiceProcess]:
         env=env,
         stdout=asyncio.subprocess.PIPE,
     )
-    service = ServiceProcess(proc, f"127.0.0.1:{port}")
+    service = ServiceProcess(proc)
     try:
+        service.target = (await service.wait_for_log("serving"))["address"]
         yield service
     finally:
         if proc.returncode is None:
@@ -98,15 +96,13 @@ async def _next_status(watch: Any) -> int:
 
 async def test_sigterm_drains_in_flight_call_and_exits_zero(service: ServiceProcess) -> None:
     """SIGTERM: health NOT_SERVING, in-flight call completes, new calls refused, exit 0."""
-    await service.wait_for_log("serving")
     async with tether.dial(service.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         watch = health.Watch(health_pb2.HealthCheckRequest(service="echo.v1.Echo"))
         assert await _next_status(watch) == SERVING
 
         echo = echo_pb2_grpc.EchoStub(channel)
-        held = asyncio.ensure_future(echo.Hold(echo_pb2.SayRequest(text="in flight"), timeout=WAIT))
-        await service.wait_for_log("hold started")
+        held = await service.hold(echo, "in flight")
 
         service.proc.send_signal(signal.SIGTERM)
         assert await _next_status(watch) == NOT_SERVING
@@ -134,11 +130,9 @@ async def test_sigterm_drains_in_flight_call_and_exits_zero(service: ServiceProc
 
 async def test_repeated_sigterm_does_not_skip_the_drain(service: ServiceProcess) -> None:
     """SIGTERM delivered twice (process and group) still drains and waits for calls in flight."""
-    await service.wait_for_log("serving")
     async with tether.dial(service.target) as channel:
         echo = echo_pb2_grpc.EchoStub(channel)
-        held = asyncio.ensure_future(echo.Hold(echo_pb2.SayRequest(text="kept"), timeout=WAIT))
-        await service.wait_for_log("hold started")
+        held = await service.hold(echo, "kept")
         service.proc.send_signal(signal.SIGTERM)
         service.proc.send_signal(signal.SIGTERM)
         await service.wait_for_log("refusing new calls")
@@ -154,7 +148,6 @@ async def test_repeated_sigterm_does_not_skip_the_drain(service: ServiceProcess)
 
 async def test_log_lines_carry_service_and_call_context(service: ServiceProcess) -> None:
     """Lines written while serving carry the service, instance and method without the handler."""
-    await service.wait_for_log("serving")
     async with tether.dial(service.target) as channel:
         await echo_pb2_grpc.EchoStub(channel).Say(echo_pb2.SayRequest(text="hello"))
     line = await service.wait_for_log("say")
@@ -169,11 +162,9 @@ async def test_log_lines_carry_service_and_call_context(service: ServiceProcess)
 
 async def test_second_sigint_skips_drain_and_grace(service: ServiceProcess) -> None:
     """A second Ctrl-C (SIGINT) cancels the held call instead of waiting out the grace period."""
-    await service.wait_for_log("serving")
     async with tether.dial(service.target) as channel:
         echo = echo_pb2_grpc.EchoStub(channel)
-        held = asyncio.ensure_future(echo.Hold(echo_pb2.SayRequest(text="x"), timeout=WAIT))
-        await service.wait_for_log("hold started")
+        held = await service.hold(echo, "x")
         service.proc.send_signal(signal.SIGINT)
         await service.wait_for_log("stopping")
         service.proc.send_signal(signal.SIGINT)
