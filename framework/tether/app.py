@@ -16,13 +16,14 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tether.config import TetherConfig, load_config
-from tether.errors import ConfigError, ConfigProblem
+from tether.config import ServerConfig, TetherConfig, load_config
+from tether.errors import ConfigError, ConfigProblem, RegistryUnavailable
 from tether.health import SERVING, HealthService
 from tether.interceptors import ChainServerInterceptor
 from tether.log import configure_logging, get_logger
 from tether.middleware import Middleware
 from tether.recovery import recover
+from tether.registry import Instance, Registry, registry_from_config
 
 __all__ = ["App", "Hook", "default_server_middleware"]
 
@@ -73,16 +74,20 @@ class App:
     """One gRPC service: its config, its servicers, its server chain and its lifecycle.
 
     Start-up: ``before_start`` hooks, server bound and started, health SERVING,
-    ``after_start`` hooks (registration goes here).
-    Shutdown (SIGTERM, SIGINT, or :meth:`stop`): health NOT_SERVING, ``before_stop`` hooks
-    (deregistration goes here), ``server.drain_seconds`` of drain so callers route away, new
-    calls refused with UNAVAILABLE while in-flight ones finish within ``server.grace_seconds``,
-    ``server.stop()``, ``after_stop`` hooks. A second SIGINT (Ctrl-C) skips what is left of the
-    drain and grace period; a repeated SIGTERM is ignored.
+    ``after_start`` hooks, then the instance registers in the registry.
+    Shutdown (SIGTERM, SIGINT, or :meth:`stop`): health NOT_SERVING, the instance deregisters
+    (watchers see it leave at once), ``before_stop`` hooks, ``server.drain_seconds`` of drain so
+    callers route away, new calls refused with UNAVAILABLE while in-flight ones finish within
+    ``server.grace_seconds``, ``server.stop()``, ``after_stop`` hooks, then the registry closes.
+    A second SIGINT (Ctrl-C) skips what is left of the drain and grace period; a repeated
+    SIGTERM is ignored.
 
     Args:
         config: the service's configuration; loaded with :func:`tether.load_config` if omitted.
         middleware: the server chain; :func:`default_server_middleware` if omitted.
+        registry: where to register and discover; by default the one ``registry.backend``
+            names, which the app closes when it stops. A registry passed in (for example one
+            :class:`~tether.registry.MemoryRegistry` shared by several apps) is left open.
     """
 
     def __init__(
@@ -90,8 +95,14 @@ class App:
         config: TetherConfig | None = None,
         *,
         middleware: Sequence[Middleware] | None = None,
+        registry: Registry | None = None,
     ) -> None:
         self.config = config if config is not None else load_config()
+        self._owns_registry = registry is None
+        self.registry: Registry | None = (
+            registry if registry is not None else registry_from_config(self.config.registry)
+        )
+        self.instance: Instance | None = None
         self.instance_id = self.config.service.instance_id or _new_instance_id(
             self.config.service.name
         )
@@ -217,6 +228,27 @@ class App:
             instance_id=self.instance_id,
         )
         await self._run_hooks("after_start")
+        await self._register()
+
+    async def _register(self) -> None:
+        if self.registry is None:
+            return
+        svc = self.config.service
+        self.instance = Instance(
+            id=self.instance_id,
+            service=svc.name,
+            address=f"{advertised_host(self.config.server)}:{self.port}",
+            version=svc.version,
+            zone=svc.zone,
+            weight=svc.weight,
+            metadata=svc.metadata,
+        )
+        try:
+            await self.registry.register(self.instance)
+        except RegistryUnavailable:
+            self.instance = None
+            await self.stop(drain=0, grace=0)
+            raise
 
     async def stop(self, *, drain: float | None = None, grace: float | None = None) -> None:
         """Shut down in order; safe to call more than once (later calls wait for the first).
@@ -236,6 +268,8 @@ class App:
         _log.info("stopping", drain_seconds=drain, grace_seconds=grace)
         self.health.shutdown()
         try:
+            if self.registry is not None and self.instance is not None:
+                await self.registry.deregister(self.instance)
             await self._run_hooks("before_stop")
             if drain > 0 and not self._hurry.is_set():
                 # Time for balancers and watchers to route away; hurry() cuts it short.
@@ -245,6 +279,8 @@ class App:
             if self._server is not None:
                 await self._finish_in_flight(grace)
             await self._run_hooks("after_stop")
+            if self.registry is not None and self._owns_registry:
+                await self.registry.close()
         finally:
             self._stopped.set()
         _log.info("stopped")
@@ -312,7 +348,8 @@ class App:
 
         Raises:
             SystemExit: with status 2 and the problems on stderr when start-up refuses the
-                configuration (for example the port cannot be bound).
+                configuration (for example the port cannot be bound); with status 1 when
+                ``registry.required`` is set and the registry did not answer.
         """
         cfg = self.config
         configure_logging(
@@ -325,6 +362,9 @@ class App:
         except ConfigError as exc:
             print(f"{cfg.service.name}: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+        except RegistryUnavailable as exc:
+            print(f"{cfg.service.name}: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
 
     @classmethod
     def main(cls, factory: Callable[[], App]) -> None:
@@ -343,6 +383,19 @@ class App:
     async def _run_hooks(self, phase: str) -> None:
         for hook in self._hooks[phase]:
             await hook(self)
+
+
+def advertised_host(server: ServerConfig) -> str:
+    """The host peers dial: ``advertise_host``, else ``host``, else this machine's address."""
+    if server.advertise_host:
+        return server.advertise_host
+    host = server.host
+    if host not in ("0.0.0.0", "", "[::]", "::"):
+        return f"[{host}]" if ":" in host and not host.startswith("[") else host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 def _new_instance_id(service: str) -> str:

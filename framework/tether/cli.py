@@ -1,13 +1,15 @@
-"""The ``tether`` command: run a service, show its effective config, compile protos."""
+"""The ``tether`` command: run a service, show its config, compile protos, list instances."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 from tether.errors import ConfigError
 
@@ -62,6 +64,85 @@ def _cmd_proto(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_instances(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from tether.errors import RegistryUnavailable
+    from tether.registry import EtcdRegistry
+
+    registry = _registry_for_cli(args)
+
+    async def read() -> list[tuple[Any, int]]:
+        etcd = EtcdRegistry(registry)
+        try:
+            return await etcd.listing(args.service)
+        finally:
+            await etcd.close()
+
+    try:
+        rows = asyncio.run(read())
+    except RegistryUnavailable as exc:
+        print(f"tether instances: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        for instance, ttl in rows:
+            print(json.dumps({**json.loads(instance.to_json()), "ttl_left_seconds": ttl}))
+        return 0
+    if not rows:
+        where = f"service {args.service!r}" if args.service else registry.prefix
+        print(f"no instances registered under {where}")
+        return 0
+    print(
+        _table(
+            ("SERVICE", "INSTANCE", "ADDRESS", "VERSION", "ZONE", "TTL LEFT"),
+            [
+                (
+                    i.service,
+                    i.id,
+                    i.address,
+                    i.version,
+                    i.zone or "-",
+                    f"{ttl}s" if ttl >= 0 else "-",
+                )
+                for i, ttl in rows
+            ],
+        )
+    )
+    return 0
+
+
+def _registry_for_cli(args: argparse.Namespace) -> Any:
+    """Registry settings for ``tether instances``: the config ``tether run`` loads, then flags."""
+    from pydantic import ValidationError
+
+    from tether.config import RegistryConfig, load_config
+    from tether.config_problems import problems_from
+
+    try:
+        base = load_config(args.file).registry
+    except ConfigError:
+        if args.file:
+            raise
+        base = RegistryConfig()  # no service config here: an operator's shell, not a service
+    overrides = {
+        name: value
+        for name, value in (("endpoints", args.endpoints), ("prefix", args.prefix))
+        if value is not None
+    }
+    try:
+        return RegistryConfig.model_validate({**base.model_dump(), **overrides})
+    except ValidationError as exc:
+        raise ConfigError(problems_from(exc, RegistryConfig)) from None
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
+    return "\n".join(
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in (header, *rows)
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tether", description="Governed gRPC microservices: run, configure, generate."
@@ -96,6 +177,23 @@ def _parser() -> argparse.ArgumentParser:
     proto.add_argument("--proto-path", default="proto", help="import root (default: proto)")
     proto.add_argument("--out", default=".", help="output directory (default: .)")
     proto.set_defaults(func=_cmd_proto)
+
+    instances = commands.add_parser(
+        "instances",
+        help="list the instances registered in etcd",
+        description=(
+            "List live instances from etcd: address, version, zone and the seconds left on "
+            "their lease. Settings come from the config `tether run` would load (--file, "
+            "$TETHER_CONFIG, ./tether.yaml, TETHER_* variables), else the defaults "
+            "(127.0.0.1:2379); --endpoints and --prefix override them."
+        ),
+    )
+    instances.add_argument("service", nargs="?", help="only this service (default: every one)")
+    instances.add_argument("--file", help="a tether YAML file whose registry section to use")
+    instances.add_argument("--endpoints", help="etcd endpoints, comma-separated host:port")
+    instances.add_argument("--prefix", help="key prefix (default: /tether/services)")
+    instances.add_argument("--json", action="store_true", help="one JSON object per line")
+    instances.set_defaults(func=_cmd_instances)
     return parser
 
 

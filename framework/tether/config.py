@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import os
 from pathlib import Path
@@ -98,6 +100,9 @@ class ServiceConfig(BaseModel):
         description="Unique id of this instance in the registry; None lets the App generate one.",
     )
     zone: str = Field(default="", description="Zone or region, for zone-aware balancing.")
+    weight: int = Field(
+        default=100, ge=1, le=10_000, description="Relative share of traffic for this instance."
+    )
     metadata: dict[str, str] = Field(
         default_factory=dict, description="Free-form labels published with the instance."
     )
@@ -111,6 +116,13 @@ class ServerConfig(BaseModel):
     host: str = Field(default="0.0.0.0", description="Address the gRPC server binds to.")
     port: int = Field(
         default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free (ephemeral) port."
+    )
+    advertise_host: str | None = Field(
+        default=None,
+        description=(
+            "Host peers dial, published to the registry (in Kubernetes, the pod IP); None uses "
+            "host, or this machine's address when host is a wildcard such as 0.0.0.0."
+        ),
     )
     reflection: bool = Field(default=True, description="Serve the gRPC reflection service.")
     drain_seconds: float = Field(
@@ -132,6 +144,22 @@ class ServerConfig(BaseModel):
         ge=1024,
         description="Largest message accepted or sent, in bytes.",
     )
+
+    @field_validator("advertise_host")
+    @classmethod
+    def _check_advertise_host(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if ":" in value and not value.startswith("["):
+            with contextlib.suppress(ValueError):
+                value = f"[{ipaddress.IPv6Address(value)}]"  # published as [v6]:port
+        try:
+            host, _ = _parse_endpoint(f"{value}:1")
+        except ValueError:
+            raise ValueError("must be a host name or IP address, without port or scheme") from None
+        if host in ("0.0.0.0", "::"):
+            raise ValueError("must be an address peers can reach, not a wildcard")
+        return value
 
 
 class TlsConfig(BaseModel):

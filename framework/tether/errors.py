@@ -4,6 +4,7 @@ The hierarchy::
 
     TetherError                     code UNKNOWN; base of everything below
     ├── ConfigError                 FAILED_PRECONDITION; refused at start-up: field, value, rule
+    ├── RegistryUnavailable         UNAVAILABLE; the registry (etcd) did not answer
     └── StatusError                 an RPC outcome with a status code, a message and rich details
         ├── InvalidArgument         INVALID_ARGUMENT
         ├── NotFound                NOT_FOUND
@@ -45,6 +46,7 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
+    "RegistryUnavailable",
     "RemoteError",
     "ResourceExhausted",
     "StatusError",
@@ -84,6 +86,12 @@ class ConfigError(TetherError):
         where = f" ({source})" if source else ""
         lines = "\n".join(f"  {p}" for p in self.problems)
         super().__init__(f"invalid configuration{where}:\n{lines}")
+
+
+class RegistryUnavailable(TetherError):
+    """The registry did not answer: every etcd endpoint failed, or the time allowed ran out."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNAVAILABLE
 
 
 class StatusError(TetherError):

@@ -1,0 +1,49 @@
+"""Bounded waiting for tests: poll a condition until it holds or a deadline passes."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+__all__ = ["eventually"]
+
+T = TypeVar("T")
+
+
+async def eventually(
+    check: Callable[[], T | Awaitable[T]],
+    *,
+    timeout: float,
+    message: str,
+    interval: float = 0.01,
+) -> T:
+    """Call ``check`` until it returns something truthy, and return that.
+
+    Args:
+        check: a function or coroutine function; an exception it raises counts as "not yet".
+        timeout: seconds to keep trying.
+        message: what was expected, for the failure message.
+        interval: seconds between tries.
+
+    Raises:
+        AssertionError: ``check`` was still falsy (or raising) after ``timeout``; the message
+            has the last value or exception.
+    """
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return result
+            last = result
+        except Exception as exc:  # a condition that cannot be evaluated yet is "not yet"
+            last = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{message}: not true after {timeout:g} s (last: {last!r})")
+        await asyncio.sleep(interval)

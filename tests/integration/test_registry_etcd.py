@@ -1,0 +1,258 @@
+"""The etcd registry against a real etcd: register, discover, and survive etcd's faults."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from etcd3 import etcdrpc
+
+from tether.config import RegistryConfig
+from tether.errors import RegistryUnavailable
+from tether.registry import EtcdRegistry, Instance, MemoryRegistry, Registry
+from tether.testing import EtcdServer
+from tether.testing.waiting import eventually
+
+# Generous bounds for a loaded 2-core CI machine; benchmarks report the real figures.
+SEEN_WITHIN = 2.0
+
+
+def users(n: int) -> Instance:
+    return Instance(
+        id=f"users-{n}", service="users", address=f"127.0.0.1:{6000 + n}", started_at=1.8e9
+    )
+
+
+def config_for(etcd: EtcdServer, **fields: object) -> RegistryConfig:
+    return RegistryConfig(endpoints=(etcd.endpoint,), **fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def registries(etcd: EtcdServer) -> AsyncIterator[tuple[EtcdRegistry, EtcdRegistry]]:
+    """Two registries on one etcd: one registers (the service), one watches (a client)."""
+    service = EtcdRegistry(config_for(etcd, ttl_seconds=2))
+    client = EtcdRegistry(config_for(etcd, ttl_seconds=2))
+    try:
+        yield service, client
+    finally:
+        await service.close()
+        await client.close()
+
+
+def registered_ids(etcd: EtcdServer) -> set[str]:
+    client = etcd.client(timeout=1.0)
+    try:
+        return {meta.key.decode().rsplit("/", 1)[1] for _, meta in client.get_prefix("/tether/")}
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("backend", ["memory", "etcd"])
+async def test_register_discover_deregister(backend: str, etcd: EtcdServer) -> None:
+    """Both backends keep the Registry contract: get, watch, deregister."""
+    registry: Registry = MemoryRegistry() if backend == "memory" else EtcdRegistry(config_for(etcd))
+    try:
+        watch = registry.watch("users")
+        assert await asyncio.wait_for(watch.next(), 5) == []
+        await registry.register(users(1))
+        await registry.register(users(2))
+        assert [i.id for i in await asyncio.wait_for(watch.next(), 5)] in (
+            ["users-1"],
+            ["users-1", "users-2"],
+        )
+        await eventually(lambda: registry.get("users"), timeout=5, message="both instances listed")
+        assert [i.id for i in await registry.get("users")] == ["users-1", "users-2"]
+        assert await registry.get("orders") == []
+        await registry.deregister(users(1))
+        await eventually(
+            lambda: [i.id for i in watch._snapshot or []] == ["users-2"],  # type: ignore[attr-defined]
+            timeout=5,
+            message="deregistered instance gone from the watch",
+        )
+    finally:
+        await registry.close()
+
+
+async def test_value_has_every_field(
+    etcd: EtcdServer, registries: tuple[EtcdRegistry, EtcdRegistry]
+) -> None:
+    """The key is {prefix}/{service}/{id} and the value is the instance's JSON, under a lease."""
+    service, _ = registries
+    instance = Instance(
+        id="users-9",
+        service="users",
+        address="10.1.2.3:50051",
+        version="2.0.0",
+        zone="eu-1",
+        weight=30,
+        metadata={"team": "id"},
+    )
+    await service.register(instance)
+    client = etcd.client()
+    try:
+        value, meta = client.get("/tether/services/users/users-9")
+    finally:
+        client.close()
+    assert value is not None and Instance.from_json(value) == instance
+    assert meta.lease_id != 0
+
+
+async def test_graceful_deregistration_is_seen_at_once(
+    registries: tuple[EtcdRegistry, EtcdRegistry],
+) -> None:
+    """Revoking the lease deletes the key: a watching client sees it well within 100 ms."""
+    service, client = registries
+    watch = client.watch("users")
+    await asyncio.wait_for(watch.next(), 5)
+    await service.register(users(1))
+    assert await asyncio.wait_for(watch.next(), 5) == [users(1)]
+    started = time.monotonic()
+    await service.deregister(users(1))
+    assert await asyncio.wait_for(watch.next(), SEEN_WITHIN) == []
+    elapsed = time.monotonic() - started
+    print(f"deregistration seen after {elapsed * 1000:.1f} ms")
+
+
+async def test_deleted_key_is_put_back(
+    etcd: EtcdServer, registries: tuple[EtcdRegistry, EtcdRegistry]
+) -> None:
+    """Someone deleting the instance's key from outside does not unregister it for long."""
+    service, _ = registries
+    await service.register(users(1))
+    client = etcd.client()
+    try:
+        client.delete("/tether/services/users/users-1")
+    finally:
+        client.close()
+    await eventually(lambda: "users-1" in registered_ids(etcd), timeout=5, message="key put back")
+
+
+async def test_malformed_values_are_ignored(
+    etcd: EtcdServer, registries: tuple[EtcdRegistry, EtcdRegistry]
+) -> None:
+    """Junk under the prefix is skipped; real instances around it are still discovered."""
+    service, discovery = registries
+    client = etcd.client()
+    try:
+        client.put("/tether/services/users/junk", "{not json")
+        client.put("/tether/services/users/wrong", users(7).to_json())
+    finally:
+        client.close()
+    watch = discovery.watch("users")
+    assert await asyncio.wait_for(watch.next(), 5) == []
+    await service.register(users(1))
+    assert await asyncio.wait_for(watch.next(), 5) == [users(1)]
+
+
+async def test_lease_expires_when_renewal_stops(
+    etcd: EtcdServer, registries: tuple[EtcdRegistry, EtcdRegistry]
+) -> None:
+    """A crashed instance (no more keepalives) disappears after its TTL."""
+    service, client = registries
+    await service.register(users(1))
+    registration = service._registrations["users-1"]
+    assert registration._task is not None
+    registration._task.cancel()  # a crash: the loop stops without revoking
+    watch = client.watch("users")
+    assert await asyncio.wait_for(watch.next(), 5) == [users(1)]
+    assert await asyncio.wait_for(watch.next(), 2 + 2) == []
+
+
+@pytest.mark.parametrize("wipe", [False, True], ids=["same-data", "wiped-data"])
+async def test_etcd_outage_of_30_seconds(
+    etcd: EtcdServer, registries: tuple[EtcdRegistry, EtcdRegistry], wipe: bool
+) -> None:
+    """etcd down 30 s: discovery keeps the instance; it is back in etcd soon after etcd answers.
+
+    With the same data dir the lease survives (etcd refreshes leases on restart) and renewals
+    resume; with a wiped data dir the instance registers again under a new lease.
+    """
+    service, client = registries
+    await service.register(users(1))
+    watch = client.watch("users")
+    assert await asyncio.wait_for(watch.next(), 5) == [users(1)]
+    etcd.stop()
+    outage_end = time.monotonic() + 30
+    while time.monotonic() < outage_end:
+        # Unreachable is not empty: the last known set stays, and is never emptied.
+        assert await client.get("users") == [users(1)]
+        await asyncio.sleep(0.5)
+    if wipe:
+        etcd.restart(wipe=True)
+    else:
+        etcd.start()
+    answering = time.monotonic()
+    await eventually(
+        lambda: "users-1" in registered_ids(etcd),
+        timeout=2 + (2 if wipe else 0),
+        message="instance registered again after etcd returned",
+    )
+    print(f"back in etcd {time.monotonic() - answering:.2f} s after etcd answered")
+    # Renewal resumed: the key outlives two TTLs from now (a deliberate span, not a sync).
+    await asyncio.sleep(2 * 2 + 0.5)
+    assert "users-1" in registered_ids(etcd), "the lease was not renewed after etcd returned"
+    await eventually(lambda: client.get("users"), timeout=5, message="discovery back in sync")
+    assert await client.get("users") == [users(1)]
+
+
+async def test_etcd_down_at_start_up_registers_when_it_answers(etcd: EtcdServer) -> None:
+    """A service starts while etcd is down, and registers once it comes up."""
+    endpoint = etcd.endpoint
+    etcd.stop()
+    registry = EtcdRegistry(RegistryConfig(endpoints=(endpoint,), ttl_seconds=2))
+    try:
+        await asyncio.wait_for(registry.register(users(1)), 5)  # returns: not required
+        etcd.start()
+        await eventually(lambda: "users-1" in registered_ids(etcd), timeout=3, message="registered")
+    finally:
+        await registry.close()
+
+
+async def test_required_registration_fails_start_up(etcd: EtcdServer) -> None:
+    """With registry.required, an unreachable etcd is an error naming the endpoints."""
+    endpoint = etcd.endpoint
+    etcd.stop()
+    registry = EtcdRegistry(RegistryConfig(endpoints=(endpoint,), ttl_seconds=2, required=True))
+    try:
+        with pytest.raises(RegistryUnavailable, match=f"within 2 s at {endpoint}"):
+            await registry.register(users(1))
+    finally:
+        await registry.close()
+
+
+async def test_get_without_etcd_raises_registry_unavailable(etcd: EtcdServer) -> None:
+    """Before any successful read, an unreachable etcd is an error, not an empty list."""
+    endpoint = etcd.endpoint
+    etcd.stop()
+    registry = EtcdRegistry(RegistryConfig(endpoints=(endpoint,)))
+    try:
+        with pytest.raises(RegistryUnavailable, match="etcd unreachable"):
+            await registry.get("users")
+    finally:
+        await registry.close()
+
+
+async def test_username_and_password_are_used(etcd: EtcdServer) -> None:
+    """With auth enabled in etcd, the registry authenticates; a wrong password registers nothing."""
+    import grpc
+
+    async with grpc.aio.insecure_channel(etcd.endpoint) as channel:
+        auth = etcdrpc.AuthStub(channel)
+        await auth.UserAdd(etcdrpc.AuthUserAddRequest(name="root", password="s3cret"))
+        await auth.RoleAdd(etcdrpc.AuthRoleAddRequest(name="root"))
+        await auth.UserGrantRole(etcdrpc.AuthUserGrantRoleRequest(user="root", role="root"))
+        await auth.AuthEnable(etcdrpc.AuthEnableRequest())
+    good = EtcdRegistry(config_for(etcd, username="root", password="s3cret"))
+    bad = EtcdRegistry(config_for(etcd, username="root", password="wrong"))
+    try:
+        await good.register(users(1))
+        assert [i.id for i in await good.get("users")] == ["users-1"]
+        await bad.register(users(2))
+        with pytest.raises(Exception, match="authentication failed"):
+            await bad.get("users")
+        assert [i.id for i in await good.get("users")] == ["users-1"]
+    finally:
+        await good.close()
+        await bad.close()
