@@ -12,8 +12,7 @@ from etcd3 import etcdrpc
 from tether.config import RegistryConfig
 from tether.errors import RegistryUnavailable
 from tether.registry import EtcdRegistry, Instance, MemoryRegistry, Registry
-from tether.testing import EtcdServer
-from tether.testing.waiting import eventually
+from tether.testing import EtcdCluster, EtcdServer, TcpProxy, eventually
 
 # Generous bounds for a loaded 2-core CI machine; benchmarks report the real figures.
 SEEN_WITHIN = 2.0
@@ -62,13 +61,13 @@ async def test_register_discover_deregister(backend: str, etcd: EtcdServer) -> N
             ["users-1"],
             ["users-1", "users-2"],
         )
-        await eventually(lambda: registry.get("users"), timeout=5, message="both instances listed")
+        await eventually(lambda: registry.get("users"), within=5, message="both instances listed")
         assert [i.id for i in await registry.get("users")] == ["users-1", "users-2"]
         assert await registry.get("orders") == []
         await registry.deregister(users(1))
         await eventually(
             lambda: [i.id for i in watch._snapshot or []] == ["users-2"],  # type: ignore[attr-defined]
-            timeout=5,
+            within=5,
             message="deregistered instance gone from the watch",
         )
     finally:
@@ -126,7 +125,7 @@ async def test_deleted_key_is_put_back(
         client.delete("/tether/services/users/users-1")
     finally:
         client.close()
-    await eventually(lambda: "users-1" in registered_ids(etcd), timeout=5, message="key put back")
+    await eventually(lambda: "users-1" in registered_ids(etcd), within=5, message="key put back")
 
 
 async def test_malformed_values_are_ignored(
@@ -186,14 +185,14 @@ async def test_etcd_outage_of_30_seconds(
     answering = time.monotonic()
     await eventually(
         lambda: "users-1" in registered_ids(etcd),
-        timeout=2 + (2 if wipe else 0),
+        within=2 + (2 if wipe else 0),
         message="instance registered again after etcd returned",
     )
     print(f"back in etcd {time.monotonic() - answering:.2f} s after etcd answered")
     # Renewal resumed: the key outlives two TTLs from now (a deliberate span, not a sync).
     await asyncio.sleep(2 * 2 + 0.5)
     assert "users-1" in registered_ids(etcd), "the lease was not renewed after etcd returned"
-    await eventually(lambda: client.get("users"), timeout=5, message="discovery back in sync")
+    await eventually(lambda: client.get("users"), within=5, message="discovery back in sync")
     assert await client.get("users") == [users(1)]
 
 
@@ -205,7 +204,7 @@ async def test_etcd_down_at_start_up_registers_when_it_answers(etcd: EtcdServer)
     try:
         await asyncio.wait_for(registry.register(users(1)), 5)  # returns: not required
         etcd.start()
-        await eventually(lambda: "users-1" in registered_ids(etcd), timeout=3, message="registered")
+        await eventually(lambda: "users-1" in registered_ids(etcd), within=3, message="registered")
     finally:
         await registry.close()
 
@@ -256,3 +255,92 @@ async def test_username_and_password_are_used(etcd: EtcdServer) -> None:
     finally:
         await good.close()
         await bad.close()
+
+
+async def test_cache_equals_a_fresh_read_after_compaction_while_cut_off(
+    etcd: EtcdServer, registries: tuple[EtcdRegistry, EtcdRegistry]
+) -> None:
+    """Changes and a compaction while the watcher is cut off: afterwards its cache is exact."""
+    service, _ = registries
+    with TcpProxy(etcd.endpoint) as proxy:
+        discovery = EtcdRegistry(RegistryConfig(endpoints=(proxy.address,)))
+        try:
+            watch = discovery.watch("users")
+            assert await asyncio.wait_for(watch.next(), 5) == []
+            await service.register(users(1))
+            await service.register(users(2))
+            await eventually(
+                lambda: len(watch._snapshot or []) == 2,  # type: ignore[attr-defined]
+                within=5,
+                message="both instances watched",
+            )
+            proxy.cut()
+            await service.deregister(users(1))
+            await service.register(users(3))
+            client = etcd.client()
+            try:
+                client.compact(client.put("/unrelated", "x").header.revision)  # past the watcher
+            finally:
+                client.close()
+            # Cut off, the watcher keeps what it knew: unreachable is not "no instances".
+            assert [i.id for i in await discovery.get("users")] == ["users-1", "users-2"]
+            proxy.heal()
+            await eventually(
+                lambda: [i.id for i in watch._snapshot or []] == ["users-2", "users-3"],  # type: ignore[attr-defined]
+                within=5,
+                message="cache caught up after the cut",
+            )
+            assert await discovery.get("users") == await service.get("users")
+        finally:
+            await discovery.close()
+
+
+async def test_watch_from_a_compacted_revision_reads_everything_again(
+    etcd: EtcdServer, registries: tuple[EtcdRegistry, EtcdRegistry]
+) -> None:
+    """A watch refused for compaction ends quietly, so the follower re-lists instead of failing."""
+    service, discovery = registries
+    await service.register(users(1))
+    await service.deregister(users(1))
+    client = etcd.client()
+    try:
+        client.compact(client.put("/unrelated", "x").header.revision)
+    finally:
+        client.close()
+    discovery.watch("users")
+    follower = discovery._follower
+    assert follower is not None
+    await asyncio.wait_for(follower._follow(start_revision=1), 5)  # returns: compacted
+
+
+async def test_leader_of_three_member_cluster_killed(etcd_cluster: EtcdCluster) -> None:
+    """Registration and watches carry on through the loss of the leader."""
+    leader = etcd_cluster.wait_for_leader()
+    others = [m.endpoint for m in etcd_cluster.members if m is not leader]
+    endpoints = (leader.endpoint, *others)  # both registries start on the leader
+    service = EtcdRegistry(RegistryConfig(endpoints=endpoints, ttl_seconds=2))
+    discovery = EtcdRegistry(RegistryConfig(endpoints=endpoints, ttl_seconds=2))
+    try:
+        watch = discovery.watch("users")
+        assert await asyncio.wait_for(watch.next(), 5) == []
+        await service.register(users(1))
+        assert await asyncio.wait_for(watch.next(), 5) == [users(1)]
+        leader.kill()
+        etcd_cluster.wait_for_leader()
+        await service.register(users(2))
+        assert await asyncio.wait_for(watch.next(), 10) == [users(1), users(2)]
+        # Three TTLs later the first instance is still there: its lease was renewed throughout.
+        until = time.monotonic() + 3 * 2
+        while time.monotonic() < until:
+            snapshot = await discovery.get("users")
+            assert users(1) in snapshot, "the first instance fell out of discovery"
+            await asyncio.sleep(0.2)
+        survivor = etcd_cluster.client()
+        try:
+            keys = {meta.key for _, meta in survivor.get_prefix("/tether/services/users/")}
+        finally:
+            survivor.close()
+        assert keys == {b"/tether/services/users/users-1", b"/tether/services/users/users-2"}
+    finally:
+        await service.close()
+        await discovery.close()

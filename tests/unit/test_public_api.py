@@ -45,9 +45,12 @@ PUBLIC = [
 ]
 
 TESTING = [
+    "EtcdCluster",
     "EtcdNotFound",
     "EtcdServer",
     "EtcdStartError",
+    "TcpProxy",
+    "eventually",
     "find_etcd_binary",
     "loopback_config",
     "running",

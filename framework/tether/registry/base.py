@@ -61,6 +61,9 @@ class Instance:
             value = getattr(self, name)
             if not isinstance(value, str) or not value or "/" in value:
                 raise ValueError(f"{name} must be a non-empty string without '/', got {value!r}")
+        for name in ("address", "version", "zone"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
         host, sep, port = self.address.rpartition(":")
         if not sep or host in _WILDCARD_HOSTS or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(

@@ -1,18 +1,24 @@
-"""The public test kit: a real etcd on loopback, and Apps run in-process.
+"""The public test kit: real etcd servers and clusters, a fault-injecting proxy, local Apps.
 
-Installed as a pytest plugin (fixtures ``etcd``, ``etcd_session``, ``etcd_client``); the helpers
-here work with any test runner.
+Installed as a pytest plugin (fixtures ``etcd``, ``etcd_session``, ``etcd_cluster``,
+``etcd_client``); the helpers here work with any test runner.
 """
 
 from __future__ import annotations
 
 from tether.testing.apps import loopback_config, running
 from tether.testing.etcd import EtcdNotFound, EtcdServer, EtcdStartError, find_etcd_binary
+from tether.testing.etcd_cluster import EtcdCluster
+from tether.testing.proxy import TcpProxy
+from tether.testing.waiting import eventually
 
 __all__ = [
+    "EtcdCluster",
     "EtcdNotFound",
     "EtcdServer",
     "EtcdStartError",
+    "TcpProxy",
+    "eventually",
     "find_etcd_binary",
     "loopback_config",
     "running",

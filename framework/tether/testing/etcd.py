@@ -16,6 +16,7 @@ import tempfile
 import time
 import urllib.request
 import weakref
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +35,12 @@ _LOG_TAIL_LINES = 30
 _HEALTH_POLL_INTERVAL = 0.02
 _HEALTH_REQUEST_TIMEOUT = 0.5
 _SIGNAL_WAIT = 2.0
+# (heartbeat, election timeout) in ms. A lone member elects itself after one election timeout,
+# so short ticks cut its start-up from about 0.5 s to under 0.1 s. Members of a cluster talk to
+# each other: at 10/100 a heartbeat delayed by a busy 2-core machine starts a needless election,
+# so they get ticks five times as long (still ten times shorter than etcd's defaults).
+_SOLO_TICKS_MS = (10, 100)
+_CLUSTER_TICKS_MS = (50, 500)
 # A proxy taken from the environment must never see a loopback health check.
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -178,8 +185,76 @@ class _Failure:
     taken_ports: frozenset[int]
 
 
+@dataclass(frozen=True)
+class _Launch:
+    """An etcd process that was started and is not yet known to be healthy."""
+
+    server: EtcdServer
+    process: subprocess.Popen[bytes]
+    ports: tuple[int, int]
+    command: list[str]
+    log_offset: int
+
+    @property
+    def health_url(self) -> str:
+        return f"http://{_HOST}:{self.ports[0]}/health"
+
+
+def _fail_launch(launch: _Launch, reason: str) -> _Failure:
+    """Stop a launch that failed, and say why with the command and the log's tail."""
+    _terminate(launch.process, _SIGNAL_WAIT)
+    log_path = launch.server.log_path
+    tail = _read_tail(log_path, launch.log_offset)
+    error = EtcdStartError(
+        f"etcd did not start: {reason} (exit code {launch.process.returncode})\n"
+        f"  command: {shlex.join(launch.command)}\n"
+        f"  last {_LOG_TAIL_LINES} lines of {log_path}:\n" + (tail or "(the log is empty)")
+    )
+    # Go's wording, the same in etcd 3.4 and 3.5.
+    taken = frozenset(
+        port for port in launch.ports if f"{_HOST}:{port}: bind: address already in use" in tail
+    )
+    return _Failure(error, taken)
+
+
+def _await_launches(
+    launches: Sequence[_Launch], timeout: float, *, deadline: float | None = None
+) -> _Failure | None:
+    """Wait until every launched etcd is healthy; on the first failure stop them all.
+
+    The processes are polled in turn, not waited for one after the other: members of a cluster
+    turn healthy only together, once a quorum runs, and a member that exits must be reported
+    at once, not after another member's timeout. ``deadline`` (``time.monotonic()``) defaults
+    to ``timeout`` from now.
+    """
+    if deadline is None:
+        deadline = time.monotonic() + timeout
+    pending = list(launches)
+    failure: _Failure | None = None
+    while pending:
+        exited = next((launch for launch in pending if launch.process.poll() is not None), None)
+        if exited is not None:
+            failure = _fail_launch(exited, "it exited")
+            break
+        pending = [launch for launch in pending if not _is_healthy(launch.health_url)]
+        if pending and time.monotonic() >= deadline:
+            failure = _fail_launch(pending[0], f"not healthy after {timeout:g} s")
+            break
+        if pending:
+            time.sleep(_HEALTH_POLL_INTERVAL)
+    if failure is not None:
+        for launch in launches:
+            _terminate(launch.process, _SIGNAL_WAIT)
+        return failure
+    for launch in launches:
+        launch.server._ports = launch.ports
+    return None
+
+
 class EtcdServer:
-    """A real single-node etcd on 127.0.0.1, with a data dir and a log file of its own.
+    """A real etcd on 127.0.0.1, with a data dir and a log file of its own.
+
+    A single node by default, or one member of a cluster (``EtcdCluster`` makes those).
 
     Use it as a context manager (start on enter, close on exit), or call ``start()`` and
     ``close()``. Ports are picked free at the first start and kept by later starts, so clients
@@ -196,6 +271,8 @@ class EtcdServer:
         startup_timeout: float = 20.0,
         client_port: int | None = None,
         peer_port: int | None = None,
+        initial_cluster: Mapping[str, str] | None = None,
+        cluster_token: str | None = None,
     ) -> None:
         """Prepare a server; nothing runs until ``start()``.
 
@@ -208,15 +285,31 @@ class EtcdServer:
             startup_timeout: seconds ``start()`` waits for etcd to report healthy.
             client_port: a fixed client port; by default a free one.
             peer_port: a fixed peer port; by default a free one.
+            initial_cluster: to make this server a member of a cluster (see ``EtcdCluster``),
+                every member's name mapped to its peer URL, this one included; by default the
+                server is a cluster of one. Requires a fixed ``peer_port``.
+            cluster_token: etcd's ``--initial-cluster-token``, the same for every member;
+                by default etcd's own.
 
         Raises:
             EtcdNotFound: no binary was given and none was found.
-            ValueError: ``startup_timeout`` is not positive, or the fixed ports are equal.
+            ValueError: ``startup_timeout`` is not positive, the fixed ports are equal, or
+                ``initial_cluster`` does not map ``name`` to this server's peer URL.
         """
         if startup_timeout <= 0:
             raise ValueError(f"startup_timeout must be > 0 seconds, got {startup_timeout!r}")
         if client_port is not None and client_port == peer_port:
             raise ValueError(f"client_port and peer_port must differ, both are {client_port}")
+        if initial_cluster is not None:
+            own_url = f"http://{_HOST}:{peer_port}" if peer_port is not None else None
+            if own_url is None or initial_cluster.get(name) != own_url:
+                raise ValueError(
+                    f"initial_cluster must map name {name!r} to its peer URL, "
+                    f"http://{_HOST}:<peer_port> with a fixed peer_port; "
+                    f"got {dict(initial_cluster)!r} and peer_port={peer_port!r}"
+                )
+        self._initial_cluster = dict(initial_cluster) if initial_cluster is not None else None
+        self._cluster_token = cluster_token
         self._binary = binary if binary is not None else find_etcd_binary()
         self._name = name
         self._startup_timeout = startup_timeout
@@ -417,6 +510,9 @@ class EtcdServer:
     def _command(self, client_port: int, peer_port: int) -> list[str]:
         client_url = f"http://{_HOST}:{client_port}"
         peer_url = f"http://{_HOST}:{peer_port}"
+        peers = self._initial_cluster or {self._name: peer_url}
+        heartbeat, election = _CLUSTER_TICKS_MS if len(peers) > 1 else _SOLO_TICKS_MS
+        token = [f"--initial-cluster-token={self._cluster_token}"] if self._cluster_token else []
         return [
             self._binary,
             f"--name={self._name}",
@@ -426,18 +522,26 @@ class EtcdServer:
             f"--advertise-client-urls={client_url}",
             f"--listen-peer-urls={peer_url}",
             f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster={self._name}={peer_url}",
+            "--initial-cluster=" + ",".join(f"{name}={url}" for name, url in peers.items()),
+            # etcd reads the --initial-* flags only into an empty data dir, so a restart of a
+            # member that has data rejoins its cluster whatever they say.
             "--initial-cluster-state=new",
-            # A lone member elects itself after one election timeout: short ticks cut start-up
-            # from about 0.5 s to under 0.1 s, and loopback has no latency to tolerate.
-            "--heartbeat-interval=10",
-            "--election-timeout=100",
+            *token,
+            f"--heartbeat-interval={heartbeat}",
+            f"--election-timeout={election}",
             "--logger=zap",
             "--log-level=warn",
             f"--log-outputs={self._log_path}",
         ]
 
     def _launch(self, ports: tuple[int, int]) -> _Failure | None:
+        launch = self._spawn(ports)
+        if isinstance(launch, _Failure):
+            return launch
+        return _await_launches([launch], self._startup_timeout)
+
+    def _spawn(self, ports: tuple[int, int]) -> _Launch | _Failure:
+        """Start the etcd process on ``ports`` without waiting for it to turn healthy."""
         command = self._command(*ports)
         taken = frozenset(port for port in ports if _is_port_in_use(port))
         if taken:
@@ -456,32 +560,5 @@ class EtcdServer:
         except OSError as exc:
             error = EtcdStartError(f"cannot run etcd: {exc}\n  command: {shlex.join(command)}")
             return _Failure(error, frozenset())
-        process = self._owned.process
         self._paused = False
-        reason = self._wait_until_healthy(process, ports[0])
-        if reason is None:
-            return None
-        _terminate(process, _SIGNAL_WAIT)
-        tail = _read_tail(self._log_path, offset)
-        error = EtcdStartError(
-            f"etcd did not start: {reason} (exit code {process.returncode})\n"
-            f"  command: {shlex.join(command)}\n"
-            f"  last {_LOG_TAIL_LINES} lines of {self._log_path}:\n"
-            + (tail or "(the log is empty)")
-        )
-        # Go's wording, the same in etcd 3.4 and 3.5.
-        taken = frozenset(
-            port for port in ports if f"{_HOST}:{port}: bind: address already in use" in tail
-        )
-        return _Failure(error, taken)
-
-    def _wait_until_healthy(self, process: subprocess.Popen[bytes], client_port: int) -> str | None:
-        health_url = f"http://{_HOST}:{client_port}/health"
-        deadline = time.monotonic() + self._startup_timeout
-        while process.poll() is None:
-            if _is_healthy(health_url):
-                return None
-            if time.monotonic() >= deadline:
-                return f"not healthy after {self._startup_timeout:g} s"
-            time.sleep(_HEALTH_POLL_INTERVAL)
-        return "it exited"
+        return _Launch(self, self._owned.process, ports, command, offset)

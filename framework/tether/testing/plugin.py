@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tether.testing.etcd import EtcdNotFound, EtcdServer
+from tether.testing.etcd_cluster import EtcdCluster
 
 if TYPE_CHECKING:
     import etcd3
@@ -21,6 +22,13 @@ def _new_etcd_server(name: str) -> EtcdServer:
         return EtcdServer(name=name)
     except EtcdNotFound as exc:
         # Fail, never skip: a missing etcd must not pass a run quietly.
+        pytest.fail(str(exc), pytrace=False)
+
+
+def _new_etcd_cluster() -> EtcdCluster:
+    try:
+        return EtcdCluster()
+    except EtcdNotFound as exc:
         pytest.fail(str(exc), pytrace=False)
 
 
@@ -39,6 +47,16 @@ def etcd_session() -> Iterator[EtcdServer]:
     """One real etcd shared by the whole session, for tests that delete the keys they write."""
     with _new_etcd_server("tether-session") as server:
         yield server
+
+
+@pytest.fixture
+def etcd_cluster() -> Iterator[EtcdCluster]:
+    """A fresh real 3-member etcd cluster on free 127.0.0.1 ports, with a leader; closed after.
+
+    Fails (never skips) when no etcd binary is found; see ``tether.testing.find_etcd_binary``.
+    """
+    with _new_etcd_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ T = TypeVar("T")
 async def eventually(
     check: Callable[[], T | Awaitable[T]],
     *,
-    timeout: float,
+    within: float,
     message: str,
     interval: float = 0.01,
 ) -> T:
@@ -24,15 +24,15 @@ async def eventually(
 
     Args:
         check: a function or coroutine function; an exception it raises counts as "not yet".
-        timeout: seconds to keep trying.
+        within: seconds to keep trying.
         message: what was expected, for the failure message.
         interval: seconds between tries.
 
     Raises:
-        AssertionError: ``check`` was still falsy (or raising) after ``timeout``; the message
+        AssertionError: ``check`` was still falsy (or raising) after ``within`` seconds; the message
             has the last value or exception.
     """
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     last: object = None
     while True:
         try:
@@ -45,5 +45,5 @@ async def eventually(
         except Exception as exc:  # a condition that cannot be evaluated yet is "not yet"
             last = exc
         if time.monotonic() >= deadline:
-            raise AssertionError(f"{message}: not true after {timeout:g} s (last: {last!r})")
+            raise AssertionError(f"{message}: not true after {within:g} s (last: {last!r})")
         await asyncio.sleep(interval)
