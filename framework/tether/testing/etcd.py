@@ -273,6 +273,7 @@ class EtcdServer:
         peer_port: int | None = None,
         initial_cluster: Mapping[str, str] | None = None,
         cluster_token: str | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         """Prepare a server; nothing runs until ``start()``.
 
@@ -290,6 +291,9 @@ class EtcdServer:
                 server is a cluster of one. Requires a fixed ``peer_port``.
             cluster_token: etcd's ``--initial-cluster-token``, the same for every member;
                 by default etcd's own.
+            extra_args: flags appended to etcd's command line; a flag given again overrides
+                tether's (etcd keeps the last), e.g. an extra ``https://`` client URL for TLS
+                tests. The health check keeps using the plain client port.
 
         Raises:
             EtcdNotFound: no binary was given and none was found.
@@ -310,6 +314,7 @@ class EtcdServer:
                 )
         self._initial_cluster = dict(initial_cluster) if initial_cluster is not None else None
         self._cluster_token = cluster_token
+        self._extra_args = tuple(extra_args)
         self._binary = binary if binary is not None else find_etcd_binary()
         self._name = name
         self._startup_timeout = startup_timeout
@@ -532,6 +537,7 @@ class EtcdServer:
             "--logger=zap",
             "--log-level=warn",
             f"--log-outputs={self._log_path}",
+            *self._extra_args,
         ]
 
     def _launch(self, ports: tuple[int, int]) -> _Failure | None:
