@@ -28,7 +28,7 @@ from tether.errors import (
     Unavailable,
     Unimplemented,
 )
-from tether.interceptors import ChainClientInterceptor, ChainServerInterceptor
+from tether.interceptors import ChainServerInterceptor
 from tether.log import configure_logging, get_logger
 from tether.middleware import Handler, Middleware, chain
 from tether.recovery import recover
@@ -42,7 +42,6 @@ __all__ = [
     "AlreadyExists",
     "App",
     "CallContext",
-    "ChainClientInterceptor",
     "ChainServerInterceptor",
     "ConfigError",
     "DeadlineExceeded",

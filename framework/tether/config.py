@@ -6,6 +6,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, get_args
 
@@ -44,6 +45,7 @@ __all__ = [
     "LoggingConfig",
     "MetricsConfig",
     "RegistryConfig",
+    "RetryConfig",
     "ServerConfig",
     "ServiceConfig",
     "TetherConfig",
@@ -246,6 +248,112 @@ class RegistryConfig(BaseModel):
         return tuple(_parse_endpoint(endpoint) for endpoint in self.endpoints)
 
 
+#: gRPC status names a retry policy may name; OK is left out, since a success is never retried.
+#: Spelled out here so configuration needs no grpc import; a test pins it to grpc.StatusCode.
+_StatusName = Literal[
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+]
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_METHOD_PATTERN = re.compile(rf"^(?:{_IDENT}\.)*{_IDENT}/(?:\*|{_IDENT})$")
+
+
+def _split_names(value: object) -> object:
+    """Accept a comma-separated string (as environment variables carry lists) or a JSON array."""
+    if not isinstance(value, str):
+        return value
+    try:
+        decoded = json.loads(value)
+    except ValueError:
+        decoded = None
+    if isinstance(decoded, list):
+        return decoded
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _check_method_pattern(value: str) -> str:
+    if not _METHOD_PATTERN.match(value):
+        raise ValueError("must be 'package.Service/Method' or 'package.Service/*'")
+    return value
+
+
+_MethodPattern = Annotated[str, AfterValidator(_check_method_pattern)]
+
+
+class RetryConfig(BaseModel):
+    """Retries of outbound unary calls, with gRFC A6 semantics (backoff, throttling, pushback)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=5,
+        description="Attempts per call, the first included; 1 turns retries off.",
+    )
+    initial_backoff_seconds: float = Field(
+        default=0.1, gt=0, description="Upper bound of the first retry's random delay."
+    )
+    max_backoff_seconds: float = Field(
+        default=1.0, gt=0, description="Upper bound of any retry's random delay."
+    )
+    backoff_multiplier: float = Field(
+        default=2.0, gt=0, description="Growth of the delay bound from one retry to the next."
+    )
+    retryable_status_codes: Annotated[tuple[_StatusName, ...], NoDecode] = Field(
+        default=("UNAVAILABLE",),
+        description=(
+            "Status names that are retried, e.g. UNAVAILABLE; in the environment a "
+            "comma-separated list or a JSON array."
+        ),
+    )
+    max_tokens: float = Field(
+        default=10.0,
+        gt=0,
+        le=1000,
+        description="Retry throttling: size of the token bucket; retries stop at half of it.",
+    )
+    token_ratio: float = Field(
+        default=0.1,
+        gt=0,
+        le=1,
+        description="Retry throttling: tokens a success puts back (a failure takes one).",
+    )
+
+    @field_validator("retryable_status_codes", mode="before")
+    @classmethod
+    def _upper_codes(cls, value: object) -> object:
+        value = _split_names(value)
+        if not isinstance(value, list | tuple):
+            return value
+        # Only a known name is upper-cased, so a refused one is shown as it was written.
+        known = get_args(_StatusName)
+        return [v.upper() if isinstance(v, str) and v.upper() in known else v for v in value]
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> Self:
+        if self.max_backoff_seconds < self.initial_backoff_seconds:
+            raise ValueError(
+                f"max_backoff_seconds ({self.max_backoff_seconds}) must be >= "
+                f"initial_backoff_seconds ({self.initial_backoff_seconds})"
+            )
+        return self
+
+
 class ClientConfig(BaseModel):
     """Outbound calls made through tether clients."""
 
@@ -254,6 +362,28 @@ class ClientConfig(BaseModel):
     timeout_seconds: float = Field(
         default=5.0, gt=0, description="Default deadline of an outbound call, in seconds."
     )
+    balancer: Literal["round_robin", "p2c"] = Field(
+        default="round_robin",
+        description=(
+            "How a call picks an instance: round_robin, or p2c (the less loaded of two "
+            "picked at random, by in-flight calls per weight)."
+        ),
+    )
+    retry: RetryConfig = Field(
+        default_factory=RetryConfig, description="Retries of idempotent or unsent calls."
+    )
+    idempotent_methods: Annotated[tuple[_MethodPattern, ...], NoDecode] = Field(
+        default=(),
+        description=(
+            "Methods safe to retry besides those the proto marks idempotent: "
+            "'package.Service/Method' or 'package.Service/*'."
+        ),
+    )
+
+    @field_validator("idempotent_methods", mode="before")
+    @classmethod
+    def _split_methods(cls, value: object) -> object:
+        return _split_names(value)
 
 
 class TracingConfig(BaseModel):

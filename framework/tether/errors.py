@@ -192,6 +192,14 @@ class RemoteError(StatusError):
 
     The client adapter raises it inside the client chain so middleware can read the status
     without importing gRPC; callers outside the chain receive the original ``grpc.aio.AioRpcError``.
+
+    Args:
+        code: the status the attempt ended with.
+        message: the status details.
+        details: rich error details, as for :class:`StatusError`.
+        trailing_metadata: the trailers the peer sent (``grpc-retry-pushback-ms`` among them).
+        sent: False when the attempt is known never to have reached a server (the connection
+            could not be made), so retrying it cannot repeat a side effect.
     """
 
     def __init__(
@@ -201,7 +209,9 @@ class RemoteError(StatusError):
         *,
         details: Sequence[Message] = (),
         trailing_metadata: Sequence[tuple[str, str | bytes]] = (),
+        sent: bool = True,
     ) -> None:
         self.code = code  # type: ignore[misc]  # instance code shadows the class default
         super().__init__(message, details=details)
         self.trailing_metadata = tuple(trailing_metadata)
+        self.sent = sent

@@ -1,10 +1,9 @@
-"""The one adapter between tether's middleware chain and ``grpc.aio``, for all four call shapes.
+"""The server half of the adapter between tether's middleware chain and ``grpc.aio``.
 
-Everything gRPC-specific about running a chain lives here: building the call context from the
-servicer context or the client call details, invoking the servicer or the continuation, and
-mapping errors both ways at the edge (``StatusError`` → wire status on the server; ``AioRpcError``
-→ ``RemoteError`` inside the client chain, and back to ``AioRpcError`` for the caller).
-Middleware never sees ``continuation``, ``handler_call_details`` or a servicer context.
+Everything gRPC-specific about serving through a chain lives here, for all four call shapes:
+building the call context from the servicer context, invoking the servicer, and mapping a
+``StatusError`` to the wire status at the edge. Middleware never sees ``continuation``,
+``handler_call_details`` or a servicer context. The client half is :mod:`tether.channel`.
 
 Wrapped handlers are built once per method and cached; the per-call work is one
 ``CallContext`` and two contextvar sets.
@@ -17,17 +16,16 @@ import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextvars import ContextVar
-from typing import Any, cast
+from typing import Any
 
 import grpc
-from grpc.aio import AioRpcError, ClientCallDetails
 from grpc_status import rpc_status
 
-from tether.context import CallContext, Metadata, MethodName, Side, _current
-from tether.errors import RemoteError, StatusError, TetherError
+from tether.context import CallContext, MethodName, Side, _current
+from tether.errors import StatusError
 from tether.middleware import Handler, Middleware, chain
 
-__all__ = ["EXEMPT_SERVICES", "ChainClientInterceptor", "ChainServerInterceptor"]
+__all__ = ["EXEMPT_SERVICES", "ChainServerInterceptor"]
 
 #: Infrastructure services served without the chain: probes and tooling are not traffic.
 EXEMPT_SERVICES = frozenset(
@@ -279,199 +277,3 @@ class ChainServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
             grpc.stream_stream_rpc_method_handler if rs else grpc.unary_stream_rpc_method_handler
         )
         return factory(stream_response, **serializers)
-
-
-# --------------------------------------------------------------------------- client side
-
-
-class _Invocation:
-    """Per-call state the client terminal needs and middleware must not see."""
-
-    __slots__ = ("call", "continuation", "deadline", "details", "metadata", "response")
-
-    def __init__(
-        self,
-        continuation: Callable[..., Any],
-        details: ClientCallDetails,
-        metadata: Metadata,
-        deadline: float | None,
-    ) -> None:
-        self.continuation = continuation
-        self.details = details
-        self.metadata = metadata
-        self.deadline = deadline
-        self.call: Any = None
-        self.response: Any = None
-
-
-_invocation: ContextVar[_Invocation] = ContextVar("tether_invocation")
-
-
-def _details_for(inv: _Invocation, call: CallContext) -> ClientCallDetails:
-    """The call details to send: the original ones unless middleware changed the context."""
-    if call.metadata is inv.metadata and call.deadline == inv.deadline:
-        return inv.details
-    timeout = None if call.deadline is None else max(call.deadline - time.monotonic(), 0.0)
-    return ClientCallDetails(
-        method=inv.details.method,
-        timeout=timeout,
-        metadata=grpc.aio.Metadata(*call.metadata),
-        credentials=inv.details.credentials,
-        wait_for_ready=inv.details.wait_for_ready,
-    )
-
-
-def _remote_error(exc: AioRpcError) -> RemoteError:
-    return RemoteError(
-        exc.code(),
-        exc.details() or "",
-        trailing_metadata=tuple(cast(Metadata, exc.trailing_metadata() or ())),
-    )
-
-
-async def _send_unary_response(request: Any) -> Any:
-    inv = _invocation.get()
-    call_ctx = _current.get()
-    assert call_ctx is not None
-    call = await inv.continuation(_details_for(inv, call_ctx), request)
-    inv.call = call
-    try:
-        response = await call
-    except AioRpcError as exc:
-        raise _remote_error(exc) from exc
-    inv.response = response
-    return response
-
-
-async def _send_stream_response(request: Any) -> Any:
-    inv = _invocation.get()
-    call_ctx = _current.get()
-    assert call_ctx is not None
-    call = await inv.continuation(_details_for(inv, call_ctx), request)
-    inv.call = inv.response = call
-    return call
-
-
-def _to_aio_error(err: TetherError) -> AioRpcError:
-    """What the caller outside the chain receives for an error raised inside it."""
-    if isinstance(err, RemoteError) and isinstance(err.__cause__, AioRpcError):
-        return err.__cause__
-    trailers: tuple[tuple[str, str | bytes], ...] = ()
-    message = str(err)
-    if isinstance(err, StatusError):
-        trailers = (*getattr(err, "trailing_metadata", ()), *_trailers_for(err))
-        message = err.message
-    return AioRpcError(
-        code=err.code,
-        initial_metadata=grpc.aio.Metadata(),
-        trailing_metadata=grpc.aio.Metadata(*trailers),
-        details=message,
-        debug_error_string="raised locally by the tether client chain",
-    )
-
-
-class ChainClientInterceptor:
-    """Runs every outbound call on a channel through a middleware chain.
-
-    grpc.aio files each interceptor object under one call shape only, so a channel takes the four
-    shape-specific interceptors that :meth:`interceptors` returns; all four share this chain.
-    The caller keeps the ``grpc.aio`` experience: it awaits a call object, and a failure arrives
-    as ``grpc.aio.AioRpcError`` whether the peer or a middleware produced it.
-
-    Args:
-        middleware: the client chain, outermost first.
-        target: what the channel dials, recorded as the call context's ``peer``.
-    """
-
-    def __init__(self, middleware: Sequence[Middleware], *, target: str | None = None) -> None:
-        wrap = chain(middleware)
-        self._unary = wrap(_send_unary_response)
-        self._stream = wrap(_send_stream_response)
-        self._target = target
-
-    def interceptors(self) -> list[Any]:
-        """The four ``grpc.aio`` client interceptors to pass to the channel."""
-        return [_UnaryUnary(self), _UnaryStream(self), _StreamUnary(self), _StreamStream(self)]
-
-    async def intercept(
-        self,
-        continuation: Callable[..., Any],
-        details: ClientCallDetails,
-        request: Any,
-        request_streaming: bool,
-        response_streaming: bool,
-    ) -> Any:
-        """Run one outbound call through the chain (called by the shape-specific interceptors)."""
-        method = details.method
-        name = MethodName.parse(method.decode() if isinstance(method, bytes) else method)
-        metadata: Metadata = tuple(details.metadata) if details.metadata else ()
-        deadline = _deadline_in(details.timeout)
-        parent = _current.get()
-        ctx = CallContext(
-            method=name,
-            side=Side.CLIENT,
-            metadata=metadata,
-            deadline=deadline,
-            peer=self._target,
-            request_streaming=request_streaming,
-            response_streaming=response_streaming,
-            parent=parent.parent if parent is not None and parent.side is Side.CLIENT else parent,
-        )
-        inv = _Invocation(continuation, details, metadata, deadline)
-        token = _current.set(ctx)
-        inv_token = _invocation.set(inv)
-        try:
-            handler = self._stream if response_streaming else self._unary
-            response = await handler(request)
-        except TetherError as err:
-            raise _to_aio_error(err) from None
-        finally:
-            _invocation.reset(inv_token)
-            _current.reset(token)
-        # Hand back the real call when nothing replaced the response, so the caller still
-        # reads its metadata, code and details.
-        return inv.call if response is inv.response and inv.call is not None else response
-
-
-class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
-    def __init__(self, chain: ChainClientInterceptor) -> None:
-        self._chain = chain
-
-    async def intercept_unary_unary(
-        self, continuation: Any, client_call_details: ClientCallDetails, request: Any
-    ) -> Any:
-        return await self._chain.intercept(continuation, client_call_details, request, False, False)
-
-
-class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
-    def __init__(self, chain: ChainClientInterceptor) -> None:
-        self._chain = chain
-
-    async def intercept_unary_stream(
-        self, continuation: Any, client_call_details: ClientCallDetails, request: Any
-    ) -> Any:
-        return await self._chain.intercept(continuation, client_call_details, request, False, True)
-
-
-class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
-    def __init__(self, chain: ChainClientInterceptor) -> None:
-        self._chain = chain
-
-    async def intercept_stream_unary(
-        self, continuation: Any, client_call_details: ClientCallDetails, request_iterator: Any
-    ) -> Any:
-        return await self._chain.intercept(
-            continuation, client_call_details, request_iterator, True, False
-        )
-
-
-class _StreamStream(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
-    def __init__(self, chain: ChainClientInterceptor) -> None:
-        self._chain = chain
-
-    async def intercept_stream_stream(
-        self, continuation: Any, client_call_details: ClientCallDetails, request_iterator: Any
-    ) -> Any:
-        return await self._chain.intercept(
-            continuation, client_call_details, request_iterator, True, True
-        )

@@ -156,22 +156,49 @@ async def test_server_handlers_are_wrapped_once_per_method() -> None:
     assert len(wrapped) == 2  # Say and Split, once each
 
 
-async def test_client_middleware_changes_metadata_and_deadline(echo_app: tether.App) -> None:
-    """Metadata a client middleware adds, and the deadline it sets, reach the server."""
+async def test_client_middleware_changes_the_deadline(echo_app: tether.App) -> None:
+    """The chain sees the default deadline; a deadline a middleware sets is the one sent."""
+    seen: list[float | None] = []
+
+    def tighten(handler: Handler) -> Handler:
+        async def tightened(request: Any) -> Any:
+            ctx = current_call()
+            assert ctx is not None
+            seen.append(ctx.time_remaining())
+            with use_call(ctx.replace(deadline=time.monotonic() + 0.2)):
+                return await handler(request)
+
+        return tightened
+
+    async with tether.dial(echo_app.target, middleware=[tighten]) as channel:
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await echo_pb2_grpc.EchoStub(channel).Hold(Req(text="never released"))
+        elapsed = time.monotonic() - started
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert elapsed < 2, f"the 0.2 s deadline was not the one sent: took {elapsed:.2f} s"
+    # Without a caller timeout the chain sees client.timeout_seconds (5 s by default).
+    assert seen[0] is not None and 4 < seen[0] <= 5
+
+
+async def test_client_middleware_metadata_reaches_the_server(echo_app: tether.App) -> None:
+    """Metadata a client middleware adds reaches the server, beside the caller's."""
 
     def stamp(handler: Handler) -> Handler:
         async def stamped(request: Any) -> Any:
             ctx = current_call()
-            assert ctx is not None and ctx.deadline is None
-            new = ctx.with_metadata([("x-stamp", "1")]).replace(deadline=time.monotonic() + 5)
-            with use_call(new):
+            assert ctx is not None
+            with use_call(ctx.with_metadata([("x-stamp", "1")])):
                 return await handler(request)
 
         return stamped
 
     async with tether.dial(echo_app.target, middleware=[stamp]) as channel:
-        reply = await echo_pb2_grpc.EchoStub(channel).Say(Req(text="t"))
+        reply = await echo_pb2_grpc.EchoStub(channel).Say(
+            Req(text="t"), metadata=(("x-user", "ada"),)
+        )
     assert reply.seen["x-stamp"] == "1"
+    assert reply.seen["x-user"] == "ada"
     assert reply.seen["deadline"] == "yes"
 
 

@@ -30,7 +30,7 @@ def _seen() -> dict[str, str]:
         "deadline": "yes" if call.deadline is not None else "no",
     }
     for key, value in call.metadata:
-        if key.startswith("x-"):
+        if key.startswith("x-") or key == "grpc-previous-rpc-attempts":
             seen[key] = value if isinstance(value, str) else value.hex()
     return seen
 
@@ -45,47 +45,73 @@ def _maybe_fail(fail: str) -> None:
 
 
 class EchoServicer(echo_pb2_grpc.EchoServicer):
-    """Echo, with failures on request and a call that waits for a release signal."""
+    """Echo, with failures on request and a call that waits for a release signal.
 
-    def __init__(self) -> None:
+    Args:
+        label: names this instance in every reply's ``seen["instance"]``, so tests that run
+            several instances can tell which one answered.
+    """
+
+    def __init__(self, label: str = "") -> None:
+        self.label = label
         self.release = asyncio.Event()
+        self.holding = 0  # Hold calls waiting for the release right now
+
+    def _seen(self) -> dict[str, str]:
+        seen = _seen()
+        if self.label:
+            seen["instance"] = self.label
+        return seen
+
+    def _maybe_unavailable(self, fail: str) -> None:
+        # "unavailable:<label>" fails on that instance only, so a retry elsewhere succeeds.
+        if self.label and fail == f"unavailable:{self.label}":
+            raise tether.Unavailable(f"instance {self.label} is unavailable")
 
     async def Say(self, request: Any, context: Any) -> Any:  # noqa: N802
         _maybe_fail(request.fail)
+        self._maybe_unavailable(request.fail)
         if request.fail == "abort":
             await context.abort(tether.InvalidArgument.code, "aborted by servicer")
         log.info("say", text=request.text)
-        return echo_pb2.SayReply(text=request.text, seen=_seen())
+        return echo_pb2.SayReply(text=request.text, seen=self._seen())
 
     async def Hold(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self._maybe_unavailable(request.fail)
         log.info("hold started")
-        await self.release.wait()
+        self.holding += 1
+        try:
+            await self.release.wait()
+        finally:
+            self.holding -= 1
         log.info("hold released")
-        return echo_pb2.SayReply(text=request.text)
+        return echo_pb2.SayReply(text=request.text, seen=self._seen())
 
     async def Split(self, request: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
         for i, word in enumerate(request.text.split()):
             if i == 1:
                 _maybe_fail(request.fail)
-            yield echo_pb2.SayReply(text=word, seen=_seen())
+            yield echo_pb2.SayReply(text=word, seen=self._seen())
 
     async def Join(self, request_iterator: Any, context: Any) -> Any:  # noqa: N802
         texts = []
         async for request in request_iterator:
             _maybe_fail(request.fail)
             texts.append(request.text)
-        return echo_pb2.SayReply(text=" ".join(texts), seen=_seen())
+        return echo_pb2.SayReply(text=" ".join(texts), seen=self._seen())
 
     async def Chat(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
         async for request in request_iterator:
             _maybe_fail(request.fail)
-            yield echo_pb2.SayReply(text=request.text, seen=_seen())
+            yield echo_pb2.SayReply(text=request.text, seen=self._seen())
 
 
-def build_app(config: tether.TetherConfig | None = None) -> tether.App:
-    """An App serving Echo; SIGUSR1 releases every held call."""
+def build_app(
+    config: tether.TetherConfig | None = None, servicer: EchoServicer | None = None
+) -> tether.App:
+    """An App serving Echo (``servicer``, or a new one); SIGUSR1 releases every held call."""
     app = tether.App(config)
-    servicer = EchoServicer()
+    servicer = servicer or EchoServicer()
     app.add_servicer(echo_pb2_grpc.add_EchoServicer_to_server, servicer)
 
     @app.after_start

@@ -74,3 +74,9 @@ def test_config_error_lists_every_problem() -> None:
     assert "a.b=-1: must be >= 2" in text
     assert "c='x': is bad" in text
     assert err.code is grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_remote_error_is_sent_unless_told() -> None:
+    """A RemoteError counts as having reached a server unless the adapter knows it did not."""
+    assert RemoteError(grpc.StatusCode.UNAVAILABLE, "x").sent
+    assert not RemoteError(grpc.StatusCode.UNAVAILABLE, "x", sent=False).sent

@@ -11,7 +11,10 @@ PACKAGE = Path(tether.__file__).parent
 
 #: Modules of the middleware core: they must not import grpc or google.protobuf.
 CORE = ["context.py", "middleware.py"]
-#: The only module that may touch grpc.aio's interceptor plumbing.
+#: Governance and balancing: pure Python over the core, no grpc (protobuf descriptors are fine).
+GRPC_FREE = [*CORE, "balancer.py", "retry.py"]
+#: The only module that may touch grpc.aio's interceptor plumbing (the server half of the
+#: adapter; the client half, channel.py with calls.py and subchannel.py, needs none of it).
 ADAPTER = "interceptors.py"
 PLUMBING = {"continuation", "handler_call_details", "client_call_details"}
 
@@ -44,6 +47,12 @@ def test_core_does_not_import_grpc() -> None:
     """context.py and middleware.py import neither grpc nor protobuf."""
     offenders = {name: _imports(PACKAGE / name) & {"grpc", "google"} for name in CORE}
     assert offenders == {name: set() for name in CORE}
+
+
+def test_governance_does_not_import_grpc() -> None:
+    """The balancer and the retry middleware import no grpc."""
+    offenders = {name: _imports(PACKAGE / name) & {"grpc"} for name in GRPC_FREE}
+    assert offenders == {name: set() for name in GRPC_FREE}
 
 
 def test_only_the_adapter_touches_interceptor_plumbing() -> None:

@@ -9,7 +9,6 @@ PUBLIC = [
     "AlreadyExists",
     "App",
     "CallContext",
-    "ChainClientInterceptor",
     "ChainServerInterceptor",
     "ConfigError",
     "DeadlineExceeded",
