@@ -16,6 +16,8 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tether.channel import Channel
+from tether.client import dial
 from tether.config import ServerConfig, TetherConfig, load_config
 from tether.errors import ConfigError, ConfigProblem, RegistryUnavailable
 from tether.health import SERVING, HealthService
@@ -103,6 +105,7 @@ class App:
             registry if registry is not None else registry_from_config(self.config.registry)
         )
         self.instance: Instance | None = None
+        self._clients: dict[str, Channel] = {}
         self.instance_id = self.config.service.instance_id or _new_instance_id(
             self.config.service.name
         )
@@ -153,6 +156,35 @@ class App:
         """Register ``hook`` to run after the server stopped (flush, close clients)."""
         self._hooks["after_stop"].append(hook)
         return hook
+
+    def client(self, service: str) -> Channel:
+        """A governed channel to ``service``, found through this app's registry.
+
+        One channel per service, made on first use and closed after the server stops (so
+        handlers still running can finish their outbound calls). Wrap it in the generated
+        stub: ``UsersStub(app.client("users"))``.
+
+        Raises:
+            ConfigError: the app has no registry (``registry.backend: none``).
+        """
+        channel = self._clients.get(service)
+        if channel is None:
+            if self.registry is None:
+                raise ConfigError(
+                    [
+                        ConfigProblem(
+                            "registry.backend",
+                            repr(self.config.registry.backend),
+                            f"cannot discover {service!r}; use etcd or memory, or "
+                            "tether.dial('host:port') for a fixed address",
+                        )
+                    ]
+                )
+            channel = dial(
+                f"discovery:///{service}", discovery=self.registry, config=self.config.client
+            )
+            self._clients[service] = channel
+        return channel
 
     # ----------------------------------------------------------------- running
 
@@ -279,6 +311,8 @@ class App:
             if self._server is not None:
                 await self._finish_in_flight(grace)
             await self._run_hooks("after_stop")
+            for channel in self._clients.values():
+                await channel.close()
             if self.registry is not None and self._owns_registry:
                 await self.registry.close()
         finally:

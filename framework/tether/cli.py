@@ -145,7 +145,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tether", description="Governed gRPC microservices: run, configure, generate."
+        prog="tether",
+        description="Governed gRPC microservices: run, configure, generate, list instances.",
     )
     parser.add_argument("--version", action="version", version=f"tether {version('tether')}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

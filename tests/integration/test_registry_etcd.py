@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest
+from echo.v1 import echo_pb2, echo_pb2_grpc
 from etcd3 import etcdrpc
+from support.echo_service import build_app
 
+import tether
 from tether.config import RegistryConfig
 from tether.errors import RegistryUnavailable
 from tether.registry import EtcdRegistry, Instance, MemoryRegistry, Registry
-from tether.testing import EtcdCluster, EtcdServer, TcpProxy, eventually
+from tether.testing import (
+    EtcdCluster,
+    EtcdServer,
+    TcpProxy,
+    eventually,
+    loopback_config,
+    running,
+)
 
 # Generous bounds for a loaded 2-core CI machine; benchmarks report the real figures.
 SEEN_WITHIN = 2.0
@@ -160,40 +172,61 @@ async def test_lease_expires_when_renewal_stops(
 
 
 @pytest.mark.parametrize("wipe", [False, True], ids=["same-data", "wiped-data"])
-async def test_etcd_outage_of_30_seconds(
-    etcd: EtcdServer, registries: tuple[EtcdRegistry, EtcdRegistry], wipe: bool
-) -> None:
-    """etcd down 30 s: discovery keeps the instance; it is back in etcd soon after etcd answers.
+async def test_etcd_outage_of_30_seconds(etcd: EtcdServer, wipe: bool) -> None:
+    """etcd killed for 30 s: no call fails, and the instance is back in etcd once etcd answers.
 
     With the same data dir the lease survives (etcd refreshes leases on restart) and renewals
-    resume; with a wiped data dir the instance registers again under a new lease.
+    resume; with a wiped data dir the instance registers again under a new lease, and clients
+    hold the instances etcd forgot until they are back.
     """
-    service, client = registries
-    await service.register(users(1))
-    watch = client.watch("users")
-    assert await asyncio.wait_for(watch.next(), 5) == [users(1)]
-    etcd.stop()
-    outage_end = time.monotonic() + 30
-    while time.monotonic() < outage_end:
-        # Unreachable is not empty: the last known set stays, and is never emptied.
-        assert await client.get("users") == [users(1)]
+    registry = {"backend": "etcd", "endpoints": [etcd.endpoint], "ttl_seconds": 2}
+    app = build_app(loopback_config("echo", registry=registry))
+    discovery = EtcdRegistry(config_for(etcd, ttl_seconds=2))
+    outcomes: Counter[str] = Counter()
+    async with running(app), tether.dial("discovery:///echo", discovery=discovery) as channel:
+        echo = echo_pb2_grpc.EchoStub(channel)
+
+        async def call_for(seconds: float) -> None:
+            # Steady traffic for a fixed span: the loop ends by itself.
+            until = time.monotonic() + seconds
+            while time.monotonic() < until:
+                try:
+                    await echo.Say(echo_pb2.SayRequest(text="hi"), timeout=2)
+                    outcomes["ok"] += 1
+                except grpc.aio.AioRpcError as exc:
+                    outcomes[exc.code().name] += 1
+                await asyncio.sleep(0.05)
+
+        await call_for(0.5)
+        etcd.kill()
+        await asyncio.gather(call_for(30), _discovery_keeps(discovery, app.instance_id, 30))
+        if wipe:
+            etcd.restart(wipe=True)
+        else:
+            etcd.start()
+        answering = time.monotonic()
+        calling = asyncio.ensure_future(call_for(5))
+        await eventually(
+            lambda: app.instance_id in registered_ids(etcd),
+            within=2 + (2 if wipe else 0),
+            message="instance registered again after etcd returned",
+        )
+        print(f"back in etcd {time.monotonic() - answering:.2f} s after etcd answered")
+        await calling
+        # Renewal resumed: the key outlives two TTLs from now (a deliberate span, not a sync).
+        await asyncio.sleep(2 * 2 + 0.5)
+        assert app.instance_id in registered_ids(etcd), "the lease was not renewed"
+    await discovery.close()
+    print(f"calls: {dict(outcomes)}")
+    assert set(outcomes) == {"ok"}, f"calls failed during the outage: {dict(outcomes)}"
+
+
+async def _discovery_keeps(discovery: EtcdRegistry, instance_id: str, seconds: float) -> None:
+    """While etcd is away, discovery keeps the last known instance: unreachable is not empty."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        assert [i.id for i in await discovery.get("echo")] == [instance_id]
         await asyncio.sleep(0.5)
-    if wipe:
-        etcd.restart(wipe=True)
-    else:
-        etcd.start()
-    answering = time.monotonic()
-    await eventually(
-        lambda: "users-1" in registered_ids(etcd),
-        within=2 + (2 if wipe else 0),
-        message="instance registered again after etcd returned",
-    )
-    print(f"back in etcd {time.monotonic() - answering:.2f} s after etcd answered")
-    # Renewal resumed: the key outlives two TTLs from now (a deliberate span, not a sync).
-    await asyncio.sleep(2 * 2 + 0.5)
-    assert "users-1" in registered_ids(etcd), "the lease was not renewed after etcd returned"
-    await eventually(lambda: client.get("users"), within=5, message="discovery back in sync")
-    assert await client.get("users") == [users(1)]
 
 
 async def test_etcd_down_at_start_up_registers_when_it_answers(etcd: EtcdServer) -> None:
@@ -235,8 +268,6 @@ async def test_get_without_etcd_raises_registry_unavailable(etcd: EtcdServer) ->
 
 async def test_username_and_password_are_used(etcd: EtcdServer) -> None:
     """With auth enabled in etcd, the registry authenticates; a wrong password registers nothing."""
-    import grpc
-
     async with grpc.aio.insecure_channel(etcd.endpoint) as channel:
         auth = etcdrpc.AuthStub(channel)
         await auth.UserAdd(etcdrpc.AuthUserAddRequest(name="root", password="s3cret"))
@@ -344,3 +375,43 @@ async def test_leader_of_three_member_cluster_killed(etcd_cluster: EtcdCluster) 
     finally:
         await service.close()
         await discovery.close()
+
+
+async def test_instances_etcd_forgot_are_held_then_dropped_if_not_back(
+    etcd: EtcdServer, registries: tuple[EtcdRegistry, EtcdRegistry]
+) -> None:
+    """After a wipe, a vanished instance is held (callers keep it), then dropped if not back."""
+    service, client = registries  # ttl 2 s: held for 4 s
+    await service.register(users(1))
+    watch = client.watch("users")
+    assert await asyncio.wait_for(watch.next(), 5) == [users(1)]
+    registration = service._registrations.pop("users-1")
+    assert registration._task is not None
+    registration._task.cancel()  # it will not register again
+    etcd.restart(wipe=True)
+    wiped = time.monotonic()
+    assert await asyncio.wait_for(watch.next(), 2 * 2 + 3) == [], "never dropped"
+    held_for = time.monotonic() - wiped
+    assert held_for >= 2 * 2 - 0.5, f"dropped after {held_for:.2f} s, before the hold ended"
+
+
+async def test_app_client_reaches_a_peer_through_the_registry(etcd: EtcdServer) -> None:
+    """app.client(name) is a governed channel to the instances registered under that name."""
+    registry = {"backend": "etcd", "endpoints": [etcd.endpoint], "ttl_seconds": 2}
+    async with (
+        running(build_app(loopback_config("echo", registry=registry))) as peer,
+        running(build_app(loopback_config("caller", registry=registry))) as caller,
+    ):
+        echo = echo_pb2_grpc.EchoStub(caller.client("echo"))
+        reply = await echo.Say(echo_pb2.SayRequest(text="hi"), timeout=5)
+        assert reply.seen["instance"] == peer.instance_id
+        assert caller.client("echo") is caller.client("echo")
+
+
+async def test_app_client_without_registry_is_a_config_error() -> None:
+    """With registry.backend none, asking for a discovered client names the setting."""
+    app = build_app(loopback_config("caller"))
+    with pytest.raises(
+        tether.ConfigError, match=r"registry.backend='none': cannot discover 'echo'"
+    ):
+        app.client("echo")

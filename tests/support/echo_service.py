@@ -109,9 +109,12 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):
 def build_app(
     config: tether.TetherConfig | None = None, servicer: EchoServicer | None = None
 ) -> tether.App:
-    """An App serving Echo (``servicer``, or a new one); SIGUSR1 releases every held call."""
+    """An App serving Echo (``servicer``, or one labelled with the instance id).
+
+    SIGUSR1 releases every held call.
+    """
     app = tether.App(config)
-    servicer = servicer or EchoServicer()
+    servicer = servicer or EchoServicer(label=app.instance_id)
     app.add_servicer(echo_pb2_grpc.add_EchoServicer_to_server, servicer)
 
     @app.after_start

@@ -170,7 +170,9 @@ class EtcdRegistry:
     def watch(self, service: str) -> Watcher:
         """Follow ``service``; the first :meth:`~Watcher.next` returns once etcd has been read."""
         if self._follower is None:
-            self._follower = _PrefixFollower(self._conn, self._prefix)
+            # Instances lost with etcd's data get two TTLs to register again before they go.
+            hold = 2.0 * self.config.ttl_seconds
+            self._follower = _PrefixFollower(self._conn, self._prefix, hold_seconds=hold)
             self._follower.start()
         return self._follower.subscribe(service)
 
@@ -368,12 +370,22 @@ def _parse(key: bytes, value: bytes, prefix: bytes) -> Instance | None:
 
 
 class _PrefixFollower:
-    """Mirrors every instance under the prefix: read at revision R, watch from R + 1, repeat."""
+    """Mirrors every instance under the prefix: read at revision R, watch from R + 1, repeat.
 
-    def __init__(self, conn: EtcdConnection, prefix: bytes) -> None:
+    When etcd comes back with an older revision than one already seen, it lost its data (a
+    wiped or restored member): the instances missing from it did not leave, they will register
+    again within a renewal period. They are held for ``hold_seconds`` instead of being dropped
+    at once, so callers keep their instances; any that do not come back are dropped then.
+    """
+
+    def __init__(self, conn: EtcdConnection, prefix: bytes, *, hold_seconds: float) -> None:
         self.synced = asyncio.Event()
         self._conn = conn
         self._prefix = prefix
+        self._hold_seconds = hold_seconds
+        self._revision = 0
+        self._held: dict[bytes, Instance] = {}
+        self._timers: list[asyncio.TimerHandle] = []
         self._by_key: dict[bytes, Instance] = {}
         self._watches: dict[str, set[InstanceWatch]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
@@ -387,6 +399,8 @@ class _PrefixFollower:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for timer in self._timers:
+            timer.cancel()
         for watches in list(self._watches.values()):
             for watch in list(watches):
                 watch.close()
@@ -442,6 +456,14 @@ class _PrefixFollower:
             instance = _parse(kv.key, kv.value, self._prefix)
             if instance is not None:
                 fresh[kv.key] = instance
+        revision = int(response.header.revision)
+        if revision < self._revision:
+            self._hold_missing(fresh, revision)
+        for key in list(self._held):
+            if key in fresh:
+                del self._held[key]  # registered again
+            else:
+                fresh[key] = self._held[key]
         changed = {
             instance.service
             for key in self._by_key.keys() | fresh.keys()
@@ -449,11 +471,37 @@ class _PrefixFollower:
             if instance is not None and self._by_key.get(key) != fresh.get(key)
         }
         self._by_key = fresh
+        self._revision = revision
         first = not self.synced.is_set()
         self.synced.set()
         self._publish(self._watches.keys() if first else changed)
-        self._state.enter("watching", "discovery in sync", revision=response.header.revision)
-        return int(response.header.revision)
+        self._state.enter("watching", "discovery in sync", revision=revision)
+        return revision
+
+    def _hold_missing(self, fresh: dict[bytes, Instance], revision: int) -> None:
+        """Keep the instances etcd forgot for a while, and drop those not back by then."""
+        missing = {key: inst for key, inst in self._by_key.items() if key not in fresh}
+        _log.warning(
+            "etcd lost its data; holding the instances it forgot while they register again",
+            revision_before=self._revision,
+            revision_now=revision,
+            held=len(missing),
+            hold_seconds=self._hold_seconds,
+        )
+        self._held.update(missing)
+        loop = asyncio.get_running_loop()
+        self._timers.append(loop.call_later(self._hold_seconds, self._release, dict(missing)))
+
+    def _release(self, held: dict[bytes, Instance]) -> None:
+        """Drop held instances that never registered again (their keys were not written)."""
+        changed: set[str] = set()
+        for key, instance in held.items():
+            if self._held.get(key) is instance:
+                del self._held[key]
+                if self._by_key.get(key) is instance:
+                    del self._by_key[key]
+                    changed.add(instance.service)
+        self._publish(changed)
 
     async def _follow(self, start_revision: int) -> None:
         """Apply watch events until the stream ends, breaks or is compacted past."""
@@ -473,6 +521,7 @@ class _PrefixFollower:
                         reason=response.cancel_reason or None,
                     )
                     return
+                self._revision = max(self._revision, int(response.header.revision))
                 self._apply(response.events)
         except grpc.aio.AioRpcError:
             self._conn.failed(address)
@@ -485,6 +534,7 @@ class _PrefixFollower:
         changed: set[str] = set()
         for event in events:
             key = bytes(event.kv.key)
+            self._held.pop(key, None)  # etcd speaks for this key again
             if event.type == kv_pb2.Event.DELETE:
                 gone = self._by_key.pop(key, None)
                 if gone is not None:
