@@ -79,6 +79,19 @@ def _parse_endpoint(endpoint: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _split_names(value: object) -> object:
+    """Accept a comma-separated string (as environment variables carry lists) or a JSON array."""
+    if not isinstance(value, str):
+        return value
+    try:
+        decoded = json.loads(value)
+    except ValueError:
+        decoded = None
+    if isinstance(decoded, list):
+        return decoded
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 def _check_endpoint(endpoint: str) -> str:
     _parse_endpoint(endpoint)
     return endpoint
@@ -216,16 +229,7 @@ class RegistryConfig(BaseModel):
     @field_validator("endpoints", mode="before")
     @classmethod
     def _split_endpoints(cls, value: object) -> object:
-        # Environment variables carry one string: "a:2379,b:2379" or '["a:2379", "b:2379"]'.
-        if not isinstance(value, str):
-            return value
-        try:
-            decoded = json.loads(value)
-        except ValueError:
-            decoded = None
-        if isinstance(decoded, list):
-            return decoded
-        return [part.strip() for part in value.split(",") if part.strip()]
+        return _split_names(value)
 
     @field_validator("prefix")
     @classmethod
@@ -270,19 +274,6 @@ _StatusName = Literal[
 ]
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _METHOD_PATTERN = re.compile(rf"^(?:{_IDENT}\.)*{_IDENT}/(?:\*|{_IDENT})$")
-
-
-def _split_names(value: object) -> object:
-    """Accept a comma-separated string (as environment variables carry lists) or a JSON array."""
-    if not isinstance(value, str):
-        return value
-    try:
-        decoded = json.loads(value)
-    except ValueError:
-        decoded = None
-    if isinstance(decoded, list):
-        return decoded
-    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def _check_method_pattern(value: str) -> str:
