@@ -66,9 +66,8 @@ class Backoff:
 class _StateLog:
     """Logs a loop's state only when it changes, so an outage is one line, not one per retry."""
 
-    def __init__(self, subject: str, **fields: Any) -> None:
+    def __init__(self, **fields: Any) -> None:
         self.state = "starting"
-        self._subject = subject
         self._fields = fields
 
     def enter(self, state: str, message: str, *, warn: bool = False, **fields: Any) -> None:
@@ -227,7 +226,7 @@ class _Registration:
         self._ttl = config.ttl_seconds
         self._lease: int | None = None
         self._task: asyncio.Task[None] | None = None
-        self._state = _StateLog("registration", service=instance.service, instance_id=instance.id)
+        self._state = _StateLog(service=instance.service, instance_id=instance.id)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
@@ -389,7 +388,7 @@ class _PrefixFollower:
         self._by_key: dict[bytes, Instance] = {}
         self._watches: dict[str, set[InstanceWatch]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
-        self._state = _StateLog("discovery", prefix=prefix.decode(errors="replace"))
+        self._state = _StateLog(prefix=prefix.decode(errors="replace"))
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="tether-discovery")
