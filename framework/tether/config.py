@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, get_args
 
@@ -29,6 +27,16 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from tether.config_policies import (
+    BreakerConfig,
+    MethodPattern,
+    PolicyResolver,
+    RetryConfig,
+    ServicePolicy,
+    StatusName,
+    first_problem,
+    split_names,
+)
 from tether.config_problems import (
     DNS_LABEL,
     ENV_DELIMITER,
@@ -77,19 +85,6 @@ def _parse_endpoint(endpoint: str) -> tuple[str, int]:
     if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
         raise ValueError("port must be an integer from 1 to 65535")
     return host, int(port)
-
-
-def _split_names(value: object) -> object:
-    """Accept a comma-separated string (as environment variables carry lists) or a JSON array."""
-    if not isinstance(value, str):
-        return value
-    try:
-        decoded = json.loads(value)
-    except ValueError:
-        decoded = None
-    if isinstance(decoded, list):
-        return decoded
-    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def _check_endpoint(endpoint: str) -> str:
@@ -229,7 +224,7 @@ class RegistryConfig(BaseModel):
     @field_validator("endpoints", mode="before")
     @classmethod
     def _split_endpoints(cls, value: object) -> object:
-        return _split_names(value)
+        return split_names(value)
 
     @field_validator("prefix")
     @classmethod
@@ -252,99 +247,6 @@ class RegistryConfig(BaseModel):
         return tuple(_parse_endpoint(endpoint) for endpoint in self.endpoints)
 
 
-#: gRPC status names a retry policy may name; OK is left out, since a success is never retried.
-#: Spelled out here so configuration needs no grpc import; a test pins it to grpc.StatusCode.
-_StatusName = Literal[
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-]
-_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-_METHOD_PATTERN = re.compile(rf"^(?:{_IDENT}\.)*{_IDENT}/(?:\*|{_IDENT})$")
-
-
-def _check_method_pattern(value: str) -> str:
-    if not _METHOD_PATTERN.match(value):
-        raise ValueError("must be 'package.Service/Method' or 'package.Service/*'")
-    return value
-
-
-_MethodPattern = Annotated[str, AfterValidator(_check_method_pattern)]
-
-
-class RetryConfig(BaseModel):
-    """Retries of outbound unary calls, with gRFC A6 semantics (backoff, throttling, pushback)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    max_attempts: int = Field(
-        default=3,
-        ge=1,
-        le=5,
-        description="Attempts per call, the first included; 1 turns retries off.",
-    )
-    initial_backoff_seconds: float = Field(
-        default=0.1, gt=0, description="Upper bound of the first retry's random delay."
-    )
-    max_backoff_seconds: float = Field(
-        default=1.0, gt=0, description="Upper bound of any retry's random delay."
-    )
-    backoff_multiplier: float = Field(
-        default=2.0, gt=0, description="Growth of the delay bound from one retry to the next."
-    )
-    retryable_status_codes: Annotated[tuple[_StatusName, ...], NoDecode] = Field(
-        default=("UNAVAILABLE",),
-        description=(
-            "Status names that are retried, e.g. UNAVAILABLE; in the environment a "
-            "comma-separated list or a JSON array."
-        ),
-    )
-    max_tokens: float = Field(
-        default=10.0,
-        gt=0,
-        le=1000,
-        description="Retry throttling: size of the token bucket; retries stop at half of it.",
-    )
-    token_ratio: float = Field(
-        default=0.1,
-        gt=0,
-        le=1,
-        description="Retry throttling: tokens a success puts back (a failure takes one).",
-    )
-
-    @field_validator("retryable_status_codes", mode="before")
-    @classmethod
-    def _upper_codes(cls, value: object) -> object:
-        value = _split_names(value)
-        if not isinstance(value, list | tuple):
-            return value
-        # Only a known name is upper-cased, so a refused one is shown as it was written.
-        known = get_args(_StatusName)
-        return [v.upper() if isinstance(v, str) and v.upper() in known else v for v in value]
-
-    @model_validator(mode="after")
-    def _check_backoff(self) -> Self:
-        if self.max_backoff_seconds < self.initial_backoff_seconds:
-            raise ValueError(
-                f"max_backoff_seconds ({self.max_backoff_seconds}) must be >= "
-                f"initial_backoff_seconds ({self.initial_backoff_seconds})"
-            )
-        return self
-
-
 class ClientConfig(BaseModel):
     """Outbound calls made through tether clients."""
 
@@ -363,7 +265,7 @@ class ClientConfig(BaseModel):
     retry: RetryConfig = Field(
         default_factory=RetryConfig, description="Retries of idempotent or unsent calls."
     )
-    idempotent_methods: Annotated[tuple[_MethodPattern, ...], NoDecode] = Field(
+    idempotent_methods: Annotated[tuple[MethodPattern, ...], NoDecode] = Field(
         default=(),
         description=(
             "Methods safe to retry besides those the proto marks idempotent: "
@@ -371,10 +273,67 @@ class ClientConfig(BaseModel):
         ),
     )
 
+    deadline_margin_seconds: float = Field(
+        default=0.05,
+        ge=0,
+        le=10,
+        description=(
+            "Taken off the remaining inbound deadline when a handler calls out, so the "
+            "answer can still travel back in time."
+        ),
+    )
+    breaker: BreakerConfig = Field(
+        default_factory=BreakerConfig, description="Circuit breaker per (service, method)."
+    )
+    fallback_codes: Annotated[tuple[StatusName, ...], NoDecode] = Field(
+        default=("UNAVAILABLE", "DEADLINE_EXCEEDED"),
+        description=(
+            "Status names on which a method's declared fallback answers; an open breaker "
+            "and a limiter's refusal always use it."
+        ),
+    )
+    services: dict[str, ServicePolicy] = Field(
+        default_factory=dict,
+        description=(
+            "Overrides per dependency, keyed by the name it is dialled with (discovery:///name), "
+            "or by its proto service (package.Service) for fixed addresses."
+        ),
+    )
+
     @field_validator("idempotent_methods", mode="before")
     @classmethod
     def _split_methods(cls, value: object) -> object:
-        return _split_names(value)
+        return split_names(value)
+
+    @field_validator("fallback_codes", mode="before")
+    @classmethod
+    def _upper_codes(cls, value: object) -> object:
+        value = split_names(value)
+        if not isinstance(value, list | tuple):
+            return value
+        return [v.upper() if isinstance(v, str) else v for v in value]
+
+    @model_validator(mode="after")
+    def _check_overrides(self) -> Self:
+        # A service or method override is merged over the defaults; check every merge now,
+        # so a combination that breaks a rule fails at start-up, not on the first call.
+        for name in self.services:
+            try:
+                self.resolver(name).check()
+            except ValidationError as exc:
+                raise ValueError(f"services.{name}: {first_problem(exc)}") from None
+        return self
+
+    def resolver(self, service: str) -> PolicyResolver:
+        """The policies of the methods of dependency ``service`` (overrides applied)."""
+        return PolicyResolver(
+            timeout_seconds=self.timeout_seconds,
+            retry=self.retry,
+            breaker=self.breaker,
+            fallback_codes=self.fallback_codes,
+            idempotent_methods=self.idempotent_methods,
+            service=self.services.get(service),
+        )
 
 
 class TracingConfig(BaseModel):

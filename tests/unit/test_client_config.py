@@ -48,7 +48,7 @@ def test_defaults() -> None:
 
 def test_status_names_match_grpc() -> None:
     """The status names configuration accepts are grpc's, less OK."""
-    from tether.config import _StatusName
+    from tether.config_policies import StatusName as _StatusName
 
     names = {code.name for code in grpc.StatusCode} - {"OK"}
     assert set(get_args(_StatusName)) == names
