@@ -13,6 +13,7 @@ from tether.config import TetherConfig, load_config
 from tether.context import CallContext, Metadata, MethodName, Side, current_call, use_call
 from tether.errors import (
     AlreadyExists,
+    BreakerOpen,
     ConfigError,
     DeadlineExceeded,
     FailedPrecondition,
@@ -20,6 +21,8 @@ from tether.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    RateLimited,
+    RegistryUnavailable,
     RemoteError,
     ResourceExhausted,
     StatusError,
@@ -41,6 +44,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 __all__ = [
     "AlreadyExists",
     "App",
+    "BreakerOpen",
     "CallContext",
     "ChainServerInterceptor",
     "ConfigError",
@@ -54,6 +58,8 @@ __all__ = [
     "Middleware",
     "NotFound",
     "PermissionDenied",
+    "RateLimited",
+    "RegistryUnavailable",
     "RemoteError",
     "ResourceExhausted",
     "Side",

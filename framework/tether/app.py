@@ -10,16 +10,20 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tether.admission import admit
 from tether.channel import Channel
 from tether.client import dial
 from tether.config import ServerConfig, TetherConfig, load_config
+from tether.deadline import enforce_deadline
 from tether.errors import ConfigError, ConfigProblem, RegistryUnavailable
+from tether.fallback import FallbackFn, Fallbacks
 from tether.health import SERVING, HealthService
 from tether.interceptors import ChainServerInterceptor
 from tether.log import configure_logging, get_logger
@@ -31,6 +35,11 @@ __all__ = ["App", "Hook", "default_server_middleware"]
 
 _log = get_logger("tether.app")
 
+_Stub = TypeVar("_Stub")
+
+#: A fallback function, as :meth:`App.fallback` declares it.
+_Fn = TypeVar("_Fn", bound=FallbackFn)
+
 #: A lifecycle hook: an async function given the app.
 Hook = Callable[["App"], Awaitable[None]]
 
@@ -41,11 +50,14 @@ AddServicer = Callable[[Any, Any], None]
 def default_server_middleware(config: TetherConfig) -> list[Middleware]:
     """The server chain every tether service runs, outermost first.
 
-    This literal list is the one place the order is decided.
+    This literal list is the one place the order is decided: recovery outermost, so nothing
+    escapes as a stack trace; the deadline check before admission, so an expired call takes no
+    slot; admission control last, right around the handler.
     """
-    del config  # later entries are configured from it
     return [
         recover,
+        enforce_deadline,
+        admit(config.server.admission),
     ]
 
 
@@ -75,7 +87,8 @@ class _RecordingServer:
 class App:
     """One gRPC service: its config, its servicers, its server chain and its lifecycle.
 
-    Start-up: ``before_start`` hooks, server bound and started, health SERVING,
+    Start-up: ``before_start`` hooks, fallbacks checked (:attr:`fallbacks`), server bound and
+    started, health SERVING,
     ``after_start`` hooks, then the instance registers in the registry.
     Shutdown (SIGTERM, SIGINT, or :meth:`stop`): health NOT_SERVING, the instance deregisters
     (watchers see it leave at once), ``before_stop`` hooks, ``server.drain_seconds`` of drain so
@@ -113,6 +126,8 @@ class App:
             default_server_middleware(self.config) if middleware is None else middleware
         )
         self.health = HealthService()
+        #: Fallbacks of the methods this service calls; checked against the protos at start-up.
+        self.fallbacks = Fallbacks()
         self.services: list[str] = []
         self._servicers: list[tuple[AddServicer, object]] = []
         self._hooks: dict[str, list[Hook]] = {
@@ -157,12 +172,65 @@ class App:
         self._hooks["after_stop"].append(hook)
         return hook
 
-    def client(self, service: str) -> Channel:
-        """A governed channel to ``service``, found through this app's registry.
+    @overload
+    def fallback(
+        self, method: str, *, returns: type[Message] | None = None
+    ) -> Callable[[_Fn], _Fn]: ...
 
+    @overload
+    def fallback(self, method: str, fn: _Fn, *, returns: type[Message] | None = None) -> _Fn: ...
+
+    @overload
+    def fallback(self, method: str, *, response: str | Message) -> None: ...
+
+    def fallback(
+        self,
+        method: str,
+        fn: FallbackFn | None = None,
+        *,
+        response: str | Message | None = None,
+        returns: type[Message] | None = None,
+    ) -> Any:
+        """Declare the fallback of a method this service calls; usable as a decorator.
+
+        ``@app.fallback("users.v1.Users/Get")`` over ``def get(request, error) -> User``, or
+        ``app.fallback("users.v1.Users/Get", response='name: "unknown"')``. Checked against the
+        proto when the app starts (see :meth:`tether.fallback.Fallbacks.add`).
+
+        Args:
+            method: ``package.Service/Method``.
+            fn: ``fn(request, error) -> Output``, sync or async; omitted for the decorator.
+            response: a fixed answer: an output message, or its protobuf text format.
+            returns: the output class, for a function without a return annotation.
+
+        Returns:
+            ``fn``; the decorator when neither ``fn`` nor ``response`` is given; else None.
+        """
+        if fn is None and response is None:
+            return self.fallbacks.method(method, returns=returns)
+        self.fallbacks.add(method, fn, response=response, returns=returns)
+        return fn
+
+    @overload
+    def client(self, service: str) -> Channel: ...
+
+    @overload
+    def client(self, service: str, stub: Callable[[Channel], _Stub]) -> _Stub: ...
+
+    def client(self, service: str, stub: Callable[[Channel], Any] | None = None) -> Any:
+        """A governed channel to ``service``, found through this app's registry, or a stub on it.
+
+        ``app.client("users", users_pb2_grpc.UsersStub)`` gives a stub whose every method runs
+        the client chain (deadline, fallback, breaker, limiter, retry, load balancing).
         One channel per service, made on first use and closed after the server stops (so
-        handlers still running can finish their outbound calls). Wrap it in the generated
-        stub: ``UsersStub(app.client("users"))``.
+        handlers still running can finish their outbound calls).
+
+        Args:
+            service: the name the dependency registers under.
+            stub: a generated stub class (or any callable taking the channel).
+
+        Returns:
+            The channel, or ``stub(channel)``.
 
         Raises:
             ConfigError: the app has no registry (``registry.backend: none``).
@@ -181,10 +249,13 @@ class App:
                     ]
                 )
             channel = dial(
-                f"discovery:///{service}", discovery=self.registry, config=self.config.client
+                f"discovery:///{service}",
+                discovery=self.registry,
+                config=self.config.client,
+                fallbacks=self.fallbacks,
             )
             self._clients[service] = channel
-        return channel
+        return channel if stub is None else stub(channel)
 
     # ----------------------------------------------------------------- running
 
@@ -207,12 +278,14 @@ class App:
         """Build and start the server; returns once it is serving and marked SERVING.
 
         Raises:
-            ConfigError: the configured address cannot be bound.
+            ConfigError: the configured address cannot be bound, or a fallback does not
+                match its method's output type.
         """
         if self._server is not None:
             raise RuntimeError("the app has already started")
         cfg = self.config.server
         await self._run_hooks("before_start")
+        self.fallbacks.check()
         self._interceptor = interceptor = ChainServerInterceptor(self.middleware)
         server = grpc.aio.server(
             interceptors=[interceptor],

@@ -5,8 +5,9 @@ per RPC; the caller awaits or iterates what comes back, and may read its code, d
 metadata. These classes give that experience while the call itself runs through the client
 chain (see :class:`CallRunner`), inline in the task that first awaits or reads it. When no
 middleware replaced the response, code, details and metadata come from the real ``grpc.aio``
-call of the last attempt; a ``TetherError`` that leaves the chain reaches the caller as
-``grpc.aio.AioRpcError`` (:func:`to_aio_error`).
+call of the last attempt; when one did (a fallback), the trailing metadata is what the chain
+added (:func:`tether.fallback.collect_trailers`). A ``TetherError`` that leaves the chain
+reaches the caller as ``grpc.aio.AioRpcError`` (:func:`to_aio_error`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from grpc.aio import AioRpcError
 
 from tether.context import CallContext, MethodName
 from tether.errors import RemoteError, StatusError, TetherError
+from tether.fallback import collect_trailers
 from tether.interceptors import _trailers_for
 
 __all__ = [
@@ -69,6 +71,7 @@ class Invocation:
         "credentials",
         "response",
         "spec",
+        "trailers",
         "tried",
         "wait_for_ready",
     )
@@ -88,6 +91,7 @@ class Invocation:
         self.call: Any = None  # the last attempt's grpc.aio call
         self.response: Any = None  # what the last attempt answered
         self.cancelled = False  # the caller cancelled: make no further attempt
+        self.trailers: list[tuple[str, str]] = []  # what the chain adds to an answer it made
 
 
 def method_spec(
@@ -226,7 +230,8 @@ class _OutboundCall:
             raise asyncio.CancelledError
         self._running = True
         try:
-            self._outcome = await self._runner._run(self._ctx, self._inv, self._request)
+            with collect_trailers(self._inv.trailers):
+                self._outcome = await self._runner._run(self._ctx, self._inv, self._request)
         except BaseException as exc:
             self._fail(exc)
             raise
@@ -316,12 +321,14 @@ class _OutboundCall:
         return await real.initial_metadata() if real is not None else grpc.aio.Metadata()
 
     async def trailing_metadata(self) -> grpc.aio.Metadata:
-        """The server's trailing metadata (empty when the chain answered by itself)."""
+        """The server's trailing metadata; what the chain added when it answered by itself."""
         await self._settle()
         if isinstance(self._error, AioRpcError):
             return self._error.trailing_metadata()  # type: ignore[return-value]
         real = self._real_call()
-        return await real.trailing_metadata() if real is not None else grpc.aio.Metadata()
+        if real is not None:
+            return await real.trailing_metadata()  # type: ignore[no-any-return]
+        return grpc.aio.Metadata(*self._inv.trailers)
 
     async def code(self) -> grpc.StatusCode:
         """The call's status code."""

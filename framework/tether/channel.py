@@ -287,12 +287,9 @@ class Channel(grpc.aio.Channel):
     # ----------------------------------------------------------------- running a call
 
     def _context(self, spec: MethodSpec, timeout: float | None, metadata: Any) -> CallContext:
-        # The default deadline is applied here, before the chain, so that every middleware
-        # (retry above all) sees the deadline the call will have. The deadline middleware
-        # takes this over when it lands; nothing else applies a default. Response streams get
-        # none: they are often open-ended (watches, subscriptions) and their caller knows.
-        if timeout is None and not spec.response_streaming:
-            timeout = self._timeout
+        # The caller's timeout, if any: the deadline middleware of the chain applies the
+        # per-method default and the inbound call's deadline; the terminal applies
+        # client.timeout_seconds to a unary-response call that still has none.
         deadline = None if timeout is None else time.monotonic() + timeout
         if not metadata:
             pairs: Metadata = ()
@@ -360,6 +357,9 @@ class Channel(grpc.aio.Channel):
         inv = _invocation.get()
         ctx = _current.get()
         assert ctx is not None
+        if ctx.deadline is None:
+            # A chain without the deadline middleware still sends no call without a deadline.
+            ctx = ctx.replace(deadline=time.monotonic() + self._timeout)
         if not self._resolved.is_set():
             await self._wait_resolved(ctx)
         sub = self._pick(inv)

@@ -171,7 +171,8 @@ def _parser() -> argparse.ArgumentParser:
             "Output mirrors the directories under --proto-path, with __init__.py at each level: "
             "generate into the directory that holds your service package (proto package "
             "'greeter.v1' lands in <out>/greeter/v1/), or a second 'greeter' package will "
-            "shadow yours."
+            'shadow yours. Protos may import "tether/v1/options.proto" (fallbacks); its '
+            "module ships with tether and is never generated."
         ),
     )
     proto.add_argument("sources", nargs="*", help=".proto files (default: all under --proto-path)")

@@ -7,8 +7,12 @@ from typing import Any
 
 import grpc
 
-from tether.channel import Channel
+from tether.breaker import breaker
+from tether.channel import DISCOVERY_SCHEME, Channel
 from tether.config import ClientConfig
+from tether.deadline import bound_deadline
+from tether.fallback import Fallbacks, fallback
+from tether.limiter import rate_limit
 from tether.middleware import Middleware
 from tether.registry.base import Discovery
 from tether.retry import retry
@@ -16,45 +20,69 @@ from tether.retry import retry
 __all__ = ["default_client_middleware", "dial"]
 
 
-def default_client_middleware(config: ClientConfig) -> list[Middleware]:
+def default_client_middleware(
+    config: ClientConfig, service: str | None = None, fallbacks: Fallbacks | None = None
+) -> list[Middleware]:
     """The client chain every outbound call runs, outermost first.
 
-    This literal list is the one place the order is decided. The finished order is: deadline,
-    circuit breaker, rate limiter, retry (with its budget), then the load-balancing terminal
-    that :class:`~tether.channel.Channel` adds below the chain. Retry sits right above the
-    terminal so that each attempt is balanced afresh and goes to another instance.
+    This literal list is the one place the order is decided:
+
+    1. ``bound_deadline``: every call gets a deadline (per-method default; never beyond the
+       inbound call's, minus a margin); a spent one is refused before anything else runs.
+    2. ``fallback``: a method with a declared fallback (code, or ``(tether.v1.fallback)`` in
+       the proto) answers with it when the breaker or limiter refuses, or the call fails with
+       one of its ``fallback_codes``; the call is marked degraded.
+    3. ``breaker``: one circuit breaker per method; an open one fails fast locally.
+    4. ``rate_limit``: one token bucket for the dependency; each call takes one token, however
+       many attempts it makes.
+    5. ``retry``: gRFC A6 retries with a budget, each attempt balanced afresh by the terminal
+       that :class:`~tether.channel.Channel` adds below the chain.
 
     Args:
         config: the client section of the service configuration.
+        service: the dependency's name, whose ``client.services`` overrides apply.
+        fallbacks: code fallbacks (an App's ``app.fallbacks``); fallbacks declared in the
+            proto apply either way.
 
     Returns:
         A new list; callers may extend it.
     """
+    policies = config.resolver(service)
+    name = service or "(fixed address)"
     return [
-        retry(config.retry, idempotent_methods=config.idempotent_methods),
+        bound_deadline(policies, margin=config.deadline_margin_seconds),
+        fallback(policies, fallbacks or Fallbacks(), service=name),
+        breaker(policies, service=name),
+        rate_limit(policies.limiter, service=name),
+        retry(config.retry, policies=policies, idempotent_methods=config.idempotent_methods),
     ]
 
 
 def dial(
     target: str,
     *,
+    service: str | None = None,
     discovery: Discovery | None = None,
     config: ClientConfig | None = None,
     middleware: Sequence[Middleware] | None = None,
     options: Sequence[tuple[str, Any]] = (),
     credentials: grpc.ChannelCredentials | None = None,
+    fallbacks: Fallbacks | None = None,
 ) -> Channel:
     """Open a governed channel; its calls run the client chain, then go to a balanced instance.
 
     Args:
         target: ``host:port``; ``h1:p1,h2:p2`` for a fixed set of instances; or
             ``discovery:///name`` to follow the instances of service ``name`` in ``discovery``.
+        service: the name whose ``client.services`` overrides apply; by default the service
+            of a ``discovery:///name`` target, none for a fixed address.
         discovery: the registry to look ``discovery:///`` targets up in.
         config: client settings (default deadline, balancer, retries); ``ClientConfig()`` if
             omitted.
         middleware: the client chain; :func:`default_client_middleware` if omitted.
         options: extra gRPC channel options for every connection.
         credentials: TLS credentials; insecure connections if omitted.
+        fallbacks: code fallbacks for the default chain (proto-declared ones always apply).
 
     Returns:
         A :class:`~tether.channel.Channel`, usable wherever generated stubs take a
@@ -64,7 +92,9 @@ def dial(
         ValueError: the target is empty, or is ``discovery:///`` without ``discovery``.
     """
     cfg = config or ClientConfig()
-    chain = default_client_middleware(cfg) if middleware is None else middleware
+    if service is None and target.startswith(DISCOVERY_SCHEME):
+        service = target[len(DISCOVERY_SCHEME) :]
+    chain = default_client_middleware(cfg, service, fallbacks) if middleware is None else middleware
     return Channel(
         target,
         discovery=discovery,

@@ -7,7 +7,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["ProtoCompileError", "compile_protos"]
+__all__ = ["PROTO_DIR", "ProtoCompileError", "compile_protos"]
+
+#: tether's own protos (``tether/v1/options.proto``), shipped inside the package. Their
+#: generated modules ship too (``tether.v1.options_pb2``), so user code never generates them.
+PROTO_DIR = Path(__file__).resolve().parent / "protos"
+
+#: Where tether's own protos live under :data:`PROTO_DIR`, as import paths.
+_OWN_PACKAGE = ("tether", "v1")
 
 
 class ProtoCompileError(RuntimeError):
@@ -21,6 +28,11 @@ def compile_protos(
     proto_path: str | os.PathLike[str],
 ) -> list[Path]:
     """Generate ``*_pb2.py``, ``*_pb2.pyi`` and ``*_pb2_grpc.py`` for each source.
+
+    Besides ``proto_path`` and the well-known types, :data:`PROTO_DIR` is on the include path,
+    so a proto may ``import "tether/v1/options.proto";`` to declare fallbacks. Its modules are
+    never generated into ``out_dir`` (a vendored copy of it among ``sources`` is skipped):
+    generated code imports the ones tether ships, ``tether.v1.options_pb2``.
 
     Args:
         sources: ``.proto`` files, inside ``proto_path``.
@@ -38,15 +50,25 @@ def compile_protos(
 
     out = Path(out_dir)
     root = Path(proto_path).resolve()
+    building_tether = root == PROTO_DIR
     try:
         stems = [Path(s).resolve().relative_to(root).with_suffix("") for s in sources]
     except ValueError:
         raise ProtoCompileError(f"every source must be inside --proto-path {root}") from None
+    if not building_tether:
+        # A second tether.v1 package in the user's tree would shadow the shipped one.
+        kept = [(s, stem) for s, stem in zip(sources, stems, strict=True) if not _is_own(stem)]
+        sources = [s for s, _ in kept]
+        stems = [stem for _, stem in kept]
     out.mkdir(parents=True, exist_ok=True)
+    if not sources:
+        return []
     well_known = importlib.resources.files("grpc_tools") / "_proto"
+    # The user's root comes first, so their own files win any clash of import paths.
+    includes = [proto_path] if building_tether else [proto_path, PROTO_DIR]
     args = [
         "grpc_tools.protoc",
-        f"--proto_path={proto_path}",
+        *(f"--proto_path={p}" for p in includes),
         f"--proto_path={well_known}",
         f"--python_out={out}",
         f"--pyi_out={out}",
@@ -67,3 +89,8 @@ def compile_protos(
             (d / "__init__.py").touch(exist_ok=True)
             d = d.parent
     return sorted(generated)
+
+
+def _is_own(stem: Path) -> bool:
+    """Whether ``stem`` (an import path without suffix) is one of tether's own protos."""
+    return stem.parts[: len(_OWN_PACKAGE)] == _OWN_PACKAGE

@@ -28,6 +28,7 @@ from pydantic_settings import (
 )
 
 from tether.config_policies import (
+    AdmissionConfig,
     BreakerConfig,
     MethodPattern,
     PolicyResolver,
@@ -153,6 +154,13 @@ class ServerConfig(BaseModel):
         default=4 * 1024 * 1024,
         ge=1024,
         description="Largest message accepted or sent, in bytes.",
+    )
+    admission: AdmissionConfig = Field(
+        default_factory=AdmissionConfig,
+        description=(
+            "Admission control per method: concurrent calls and calls per second, refused "
+            "with RESOURCE_EXHAUSTED and a retry delay; no limits by default."
+        ),
     )
 
     @field_validator("advertise_host")
@@ -295,8 +303,8 @@ class ClientConfig(BaseModel):
     services: dict[str, ServicePolicy] = Field(
         default_factory=dict,
         description=(
-            "Overrides per dependency, keyed by the name it is dialled with (discovery:///name), "
-            "or by its proto service (package.Service) for fixed addresses."
+            "Overrides per dependency, keyed by the name it is dialled with: the service of "
+            "discovery:///name, or dial(..., service=name) for a fixed address."
         ),
     )
 
@@ -324,15 +332,16 @@ class ClientConfig(BaseModel):
                 raise ValueError(f"services.{name}: {first_problem(exc)}") from None
         return self
 
-    def resolver(self, service: str) -> PolicyResolver:
-        """The policies of the methods of dependency ``service`` (overrides applied)."""
+    def resolver(self, service: str | None) -> PolicyResolver:
+        """The policies of the methods of dependency ``service`` (its overrides applied; the
+        client defaults alone when ``service`` is None or has no overrides)."""
         return PolicyResolver(
             timeout_seconds=self.timeout_seconds,
             retry=self.retry,
             breaker=self.breaker,
             fallback_codes=self.fallback_codes,
             idempotent_methods=self.idempotent_methods,
-            service=self.services.get(service),
+            service=self.services.get(service) if service else None,
         )
 
 

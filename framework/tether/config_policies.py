@@ -204,8 +204,8 @@ class BreakerConfig(BaseModel):
         wrong = sorted(set(value) & NEVER_FAILURES)
         if wrong:
             raise ValueError(
-                f"{', '.join(wrong)} report the caller's mistake, not a failing dependency, "
-                f"and never trip a breaker; allowed: any other status name"
+                f"{', '.join(wrong)} cannot count as failures: such codes report the caller's "
+                "mistake, not a failing dependency; allowed: any other status name"
             )
         return value
 
@@ -384,3 +384,100 @@ def first_problem(exc: ValidationError) -> str:
     """The first error of ``exc`` in one line, for a merge refused at start-up."""
     error = exc.errors(include_url=False)[0]
     return str(error.get("msg", exc))
+
+
+# --------------------------------------------------------------------------- server admission
+
+
+class AdmissionLimits(BaseModel):
+    """Admission limits of one server method; in an override only the fields given change."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_concurrent: int | None = Field(
+        default=None,
+        ge=1,
+        description="Calls of the method served at once; None means no bound.",
+    )
+    rate: float | None = Field(
+        default=None,
+        gt=0,
+        description="Calls of the method admitted per second; None means no limit.",
+    )
+    burst: int | None = Field(
+        default=None,
+        ge=1,
+        description="Calls admitted at once above the rate; needs rate; None: rate, at least 1.",
+    )
+    retry_after_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        le=3600,
+        description=(
+            "Delay suggested to a caller refused for concurrency (sent as RetryInfo); a caller "
+            "refused by the rate is told when the next call would be admitted instead."
+        ),
+    )
+
+    @property
+    def capacity(self) -> int:
+        """The size of the method's token bucket."""
+        if self.burst is not None:
+            return self.burst
+        return max(1, int(self.rate or 1))
+
+    @property
+    def limited(self) -> bool:
+        """Whether any limit applies."""
+        return self.max_concurrent is not None or self.rate is not None
+
+
+class AdmissionConfig(AdmissionLimits):
+    """Server admission control: limits for every method, with overrides for some of them.
+
+    The fields outside ``methods`` apply to each method separately (every method has its own
+    counter and bucket); an entry of ``methods`` changes only the fields it names, and
+    ``package.Service/Method`` wins over ``package.Service/*``. No limits by default.
+    """
+
+    methods: dict[MethodPattern, AdmissionLimits] = Field(
+        default_factory=dict,
+        description="Per-method overrides: 'package.Service/Method' or 'package.Service/*'.",
+    )
+
+    @model_validator(mode="after")
+    def _check_burst_has_rate(self) -> Self:
+        # Checked on the merged limits, so an override may give a burst to a default rate; a
+        # burst with no rate at all would silently do nothing, so it is refused.
+        if self.burst is not None and self.rate is None:
+            raise ValueError("burst is set without rate; set rate too, or remove burst")
+        for pattern, override in self.methods.items():
+            if "burst" in override.model_fields_set and self.limits(pattern).rate is None:
+                raise ValueError(
+                    f"methods.{pattern}: burst is set but no rate applies to it; "
+                    "set rate too, or remove burst"
+                )
+        return self
+
+    @property
+    def defaults(self) -> AdmissionLimits:
+        """The limits of a method no override names."""
+        return AdmissionLimits.model_validate(self.model_dump(exclude={"methods"}))
+
+    @property
+    def limited(self) -> bool:
+        """Whether any method has a limit."""
+        return super().limited or any(o.limited for o in self.methods.values())
+
+    def limits(self, method: str) -> AdmissionLimits:
+        """The limits of ``package.Service/Method`` (no leading slash), overrides applied."""
+        found = self.defaults
+        service = method.partition("/")[0]
+        for pattern in (f"{service}/*", method):  # the most specific wins
+            override = self.methods.get(pattern)
+            if override is not None:
+                found = merge(found, override)
+        return found
+
+
+__all__ += ["AdmissionConfig", "AdmissionLimits"]

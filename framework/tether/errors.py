@@ -13,7 +13,9 @@ The hierarchy::
         ├── Unauthenticated         UNAUTHENTICATED
         ├── FailedPrecondition      FAILED_PRECONDITION
         ├── ResourceExhausted       RESOURCE_EXHAUSTED (may carry RetryInfo)
+        │   └── RateLimited         refused locally by a client rate limiter; nothing was sent
         ├── Unavailable             UNAVAILABLE (may carry RetryInfo)
+        │   └── BreakerOpen         refused locally by an open circuit breaker; nothing was sent
         ├── DeadlineExceeded        DEADLINE_EXCEEDED
         ├── Unimplemented           UNIMPLEMENTED
         ├── Internal                INTERNAL
@@ -38,6 +40,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 __all__ = [
     "AlreadyExists",
+    "BreakerOpen",
     "ConfigError",
     "ConfigProblem",
     "DeadlineExceeded",
@@ -46,6 +49,7 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
+    "RateLimited",
     "RegistryUnavailable",
     "RemoteError",
     "ResourceExhausted",
@@ -173,6 +177,14 @@ class ResourceExhausted(_RetryableStatus):
 
 class Unavailable(_RetryableStatus):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class RateLimited(ResourceExhausted):
+    """A client rate limiter refused the call locally; nothing was sent."""
+
+
+class BreakerOpen(Unavailable):
+    """An open circuit breaker refused the call locally; nothing was sent."""
 
 
 class DeadlineExceeded(StatusError):

@@ -31,7 +31,7 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool
 
-from tether.config import RetryConfig
+from tether.config_policies import PolicyResolver, RetryConfig
 from tether.context import MethodName, current_call, use_call
 from tether.errors import RemoteError
 from tether.middleware import Handler, Middleware
@@ -196,6 +196,7 @@ class IdempotencyClassifier:
 def retry(
     config: RetryConfig | None = None,
     *,
+    policies: PolicyResolver | None = None,
     idempotent_methods: Iterable[str] = (),
     is_idempotent: Callable[[MethodName], bool] | None = None,
     throttler: RetryThrottler | None = None,
@@ -207,6 +208,8 @@ def retry(
 
     Args:
         config: attempts, backoff, retryable codes and throttling; ``RetryConfig()`` if None.
+        policies: per-method overrides (``client.services``): each call's retry settings and
+            ``idempotent`` flag come from here when given; the throttle stays ``config``'s.
         idempotent_methods: methods to treat as idempotent besides those the proto declares.
         is_idempotent: replaces the idempotency decision entirely (tests, custom rules).
         throttler: the token bucket; one is made from ``config``. Share one per target.
@@ -218,17 +221,27 @@ def retry(
         A client middleware; put it inside the deadline, breaker and limiter, right outside
         the load-balancing terminal, so each attempt is balanced afresh.
     """
-    cfg = config or RetryConfig()
-    bucket = throttler or RetryThrottler(cfg.max_tokens, cfg.token_ratio)
-    idempotent = is_idempotent or IdempotencyClassifier(idempotent_methods)
-    retryable = frozenset(cfg.retryable_status_codes)
-    max_attempts = cfg.max_attempts
+    base = config or RetryConfig()
+    bucket = throttler or RetryThrottler(base.max_tokens, base.token_ratio)
+    classify = is_idempotent or IdempotencyClassifier(idempotent_methods)
+
+    def settings(method: MethodName) -> tuple[RetryConfig, bool]:
+        if policies is None:
+            return base, classify(method)
+        policy = policies.policy(f"{method.qualified_service}/{method.method}")
+        declared = policy.idempotent
+        return policy.retry, classify(method) if declared is None else declared
 
     def middleware(handler: Handler) -> Handler:
         async def retrying(request: Any) -> Any:
             ctx = current_call()
-            if max_attempts < 2 or ctx is None or ctx.request_streaming or ctx.response_streaming:
+            if ctx is None or ctx.request_streaming or ctx.response_streaming:
                 return await handler(request)
+            cfg, repeatable = settings(ctx.method)
+            max_attempts = cfg.max_attempts
+            if max_attempts < 2:
+                return await handler(request)
+            retryable = cfg.retryable_status_codes
             attempt = 1
             backoff_step = 0
             attempt_ctx = ctx
@@ -248,7 +261,7 @@ def retry(
                         if (
                             code not in retryable
                             or pushback == math.inf
-                            or not idempotent(ctx.method)
+                            or not repeatable
                             or not bucket.allow()
                         ):
                             raise

@@ -11,6 +11,7 @@ from echo.v1 import echo_pb2, echo_pb2_grpc
 
 import tether
 from tether import current_call, get_logger
+from tether.registry import Registry
 
 log = get_logger("echo")
 
@@ -56,6 +57,8 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):
         self.label = label
         self.release = asyncio.Event()
         self.holding = 0  # Hold calls waiting for the release right now
+        self.says = 0  # Say calls whose handler ran
+        self.cancelled = 0  # calls whose handler was cancelled ("slow:<seconds>" outlived)
 
     def _seen(self) -> dict[str, str]:
         seen = _seen()
@@ -69,7 +72,15 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):
             raise tether.Unavailable(f"instance {self.label} is unavailable")
 
     async def Say(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self.says += 1
         _maybe_fail(request.fail)
+        if request.fail.startswith("slow:"):
+            # "slow:<seconds>": a handler that takes that long, unless it is cancelled first.
+            try:
+                await asyncio.sleep(float(request.fail.removeprefix("slow:")))
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
         self._maybe_unavailable(request.fail)
         if request.fail == "abort":
             await context.abort(tether.InvalidArgument.code, "aborted by servicer")
@@ -78,6 +89,7 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):
 
     async def Hold(self, request: Any, context: Any) -> Any:  # noqa: N802
         self._maybe_unavailable(request.fail)
+        _maybe_fail(request.fail)
         log.info("hold started")
         self.holding += 1
         try:
@@ -107,13 +119,15 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):
 
 
 def build_app(
-    config: tether.TetherConfig | None = None, servicer: EchoServicer | None = None
+    config: tether.TetherConfig | None = None,
+    servicer: EchoServicer | None = None,
+    registry: Registry | None = None,
 ) -> tether.App:
     """An App serving Echo (``servicer``, or one labelled with the instance id).
 
     SIGUSR1 releases every held call.
     """
-    app = tether.App(config)
+    app = tether.App(config, registry=registry)
     servicer = servicer or EchoServicer(label=app.instance_id)
     app.add_servicer(echo_pb2_grpc.add_EchoServicer_to_server, servicer)
 

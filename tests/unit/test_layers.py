@@ -12,7 +12,16 @@ PACKAGE = Path(tether.__file__).parent
 #: Modules of the middleware core: they must not import grpc or google.protobuf.
 CORE = ["context.py", "middleware.py"]
 #: Governance and balancing: pure Python over the core, no grpc (protobuf descriptors are fine).
-GRPC_FREE = [*CORE, "balancer.py", "retry.py"]
+GRPC_FREE = [
+    *CORE,
+    "admission.py",
+    "balancer.py",
+    "breaker.py",
+    "deadline.py",
+    "fallback.py",
+    "limiter.py",
+    "retry.py",
+]
 #: The only module that may touch grpc.aio's interceptor plumbing (the server half of the
 #: adapter; the client half, channel.py with calls.py and subchannel.py, needs none of it).
 ADAPTER = "interceptors.py"
@@ -50,7 +59,7 @@ def test_core_does_not_import_grpc() -> None:
 
 
 def test_governance_does_not_import_grpc() -> None:
-    """The balancer and the retry middleware import no grpc."""
+    """Balancing and governance (breaker, limiter, admission, deadline, retry) import no grpc."""
     offenders = {name: _imports(PACKAGE / name) & {"grpc"} for name in GRPC_FREE}
     assert offenders == {name: set() for name in GRPC_FREE}
 

@@ -8,6 +8,7 @@ import tether.testing
 PUBLIC = [
     "AlreadyExists",
     "App",
+    "BreakerOpen",
     "CallContext",
     "ChainServerInterceptor",
     "ConfigError",
@@ -21,6 +22,8 @@ PUBLIC = [
     "Middleware",
     "NotFound",
     "PermissionDenied",
+    "RateLimited",
+    "RegistryUnavailable",
     "RemoteError",
     "ResourceExhausted",
     "Side",

@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import pytest
 from echo.v1 import echo_pb2  # noqa: F401  # registers echo.v1 descriptors in the default pool
+from support.fakes import FakeClock as Clock
 
 from tether import CallContext, MethodName, Side, current_call, use_call
 from tether.config import RetryConfig
@@ -27,21 +28,6 @@ from tether.retry import (
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 SAY = MethodName.parse("/echo.v1.Echo/Say")  # the proto declares it IDEMPOTENT
 HOLD = MethodName.parse("/echo.v1.Echo/Hold")  # not idempotent
-
-
-class Clock:
-    """A fake monotonic clock that a fake sleep advances."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
 
 
 class Peer:
@@ -321,3 +307,42 @@ async def test_other_errors_pass_through() -> None:
     peer = Peer(ValueError("bug"), "ok")
     with pytest.raises(ValueError, match="bug"):
         await run(peer, clock)
+
+
+async def per_method_run(
+    peer: Peer, clock: Clock, services: dict[str, Any], method: MethodName
+) -> Any:
+    from tether.config import ClientConfig
+
+    policies = ClientConfig(services=services).resolver("echo")
+    middleware = retry(
+        RetryConfig(), policies=policies, sleep=clock.sleep, rand=lambda: 0.5, clock=clock
+    )
+    with use_call(context(method)):
+        return await middleware(peer)("request")
+
+
+async def test_per_method_retry_settings_apply() -> None:
+    """client.services.<name>.methods.<m>.retry overrides the attempts for that method only."""
+    services = {"echo": {"methods": {"echo.v1.Echo/Say": {"retry": {"max_attempts": 5}}}}}
+    peer, clock = Peer(*[unavailable()] * 4, "ok"), Clock()
+    assert await per_method_run(peer, clock, services, SAY) == "ok"
+    assert len(peer.calls) == 5
+
+
+async def test_per_method_idempotent_flag_overrides_the_proto() -> None:
+    """idempotent: true in config makes Hold retryable; false stops Say from being retried."""
+    services = {
+        "echo": {
+            "methods": {
+                "echo.v1.Echo/Hold": {"idempotent": True},
+                "echo.v1.Echo/Say": {"idempotent": False},
+            }
+        }
+    }
+    peer, clock = Peer(unavailable(), "ok"), Clock()
+    assert await per_method_run(peer, clock, services, HOLD) == "ok"
+    peer = Peer(unavailable(), "ok")
+    with pytest.raises(RemoteError):
+        await per_method_run(peer, clock, services, SAY)
+    assert len(peer.calls) == 1

@@ -1,0 +1,1 @@
+"""Generated modules of tether's own protos (``protos/tether/v1``); regenerate, never edit."""
