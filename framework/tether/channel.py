@@ -32,6 +32,7 @@ from tether.calls import Invocation, MethodSpec, make_multicallable, method_spec
 from tether.config import ClientConfig
 from tether.context import CallContext, Metadata, Side, _current
 from tether.errors import DeadlineExceeded, RemoteError, TetherError, Unavailable
+from tether.interceptors import EXEMPT_SERVICES
 from tether.log import get_logger
 from tether.middleware import Handler, Middleware, chain
 from tether.registry.base import DEFAULT_WEIGHT, Discovery, WatchClosed, Watcher
@@ -312,8 +313,17 @@ class Channel(grpc.aio.Channel):
         )
 
     async def _run(self, ctx: CallContext, inv: Invocation, request: Any) -> Any:
-        """Run one call through the chain, with its context bound; errors leave as AioRpcError."""
-        handler = self._stream if inv.spec.response_streaming else self._unary
+        """Run one call through the chain, with its context bound; errors leave as AioRpcError.
+
+        Health and reflection calls skip the chain (but are still balanced), as they do on the
+        server: probes are not traffic, and a probe loop waiting for a starting server must
+        not trip a breaker or drain a limiter.
+        """
+        handler: Handler
+        if ctx.method.qualified_service in EXEMPT_SERVICES:
+            handler = self._send_stream if inv.spec.response_streaming else self._send_unary
+        else:
+            handler = self._stream if inv.spec.response_streaming else self._unary
         token = _current.set(ctx)
         inv_token = _invocation.set(inv)
         try:

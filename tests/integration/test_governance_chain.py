@@ -76,3 +76,25 @@ async def test_without_a_fallback_the_original_status_reaches_the_caller(
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await echo.Hold(Req(fail="not-found"), timeout=5)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_health_probes_skip_the_chain() -> None:
+    """Probes of a server not up yet never open a breaker; service calls do (fail_max 5)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tether.testing.etcd import _free_ports
+
+    [port] = _free_ports(1, taken=set())  # nothing listens there
+    async with tether.dial(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for _ in range(8):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            assert "circuit breaker" not in (err.value.details() or "")
+        echo = echo_pb2_grpc.EchoStub(channel)
+        details = []
+        for _ in range(6):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await echo.Say(Req(text="x"), timeout=1)
+            details.append(err.value.details() or "")
+        assert "circuit breaker open for echo.v1.Echo/Say" in details[-1]
