@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     else:
         os.environ["PYTHONPATH"] = _old_pythonpath
     shutil.rmtree(_generated, ignore_errors=True)
+
+
+@pytest.fixture
+def listening_port() -> Iterator[int]:
+    """A 127.0.0.1 port that something else is listening on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import gc
-import os
-import socket
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import etcd3
 import pytest
+from support.etcd_helpers import connect, make_executable, process_exists
 
 from tether.testing import etcd_cluster as cluster_kit
 from tether.testing.etcd import EtcdServer, EtcdStartError
@@ -21,41 +17,6 @@ pytest_plugins = ["pytester"]
 
 # An election after a crash takes about one election timeout (0.5 s); this bounds a slow one.
 _ELECTION_TIMEOUT = 15.0
-
-
-@contextmanager
-def connect(member: EtcdServer, timeout: float = 5.0) -> Iterator[etcd3.Etcd3Client]:
-    """An etcd3 client on one member whose calls are bounded by ``timeout``."""
-    client = member.client(timeout)
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-def process_exists(pid: int) -> bool:
-    """Whether ``pid`` names a live or unreaped process."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def make_executable(path: Path, script: str) -> Path:
-    """Write a /bin/sh script at ``path`` and make it executable."""
-    path.write_text(f"#!/bin/sh\n{script}\n")
-    path.chmod(0o755)
-    return path
-
-
-@pytest.fixture
-def listening_port() -> Iterator[int]:
-    """A 127.0.0.1 port that something else is listening on."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        yield sock.getsockname()[1]
 
 
 def followers_of(cluster: EtcdCluster, leader: EtcdServer) -> list[EtcdServer]:

@@ -2,57 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import etcd3
 import etcd3.exceptions
 import pytest
+from support.etcd_helpers import connect, make_executable, process_exists
 
 from tether.testing import etcd as etcd_kit
 from tether.testing.etcd import EtcdNotFound, EtcdServer, EtcdStartError, find_etcd_binary
 
 pytest_plugins = ["pytester"]
-
-
-@contextmanager
-def connect(server: EtcdServer, timeout: float = 5.0) -> Iterator[etcd3.Etcd3Client]:
-    """An etcd3 client on ``server`` whose calls are bounded by ``timeout``."""
-    client = server.client(timeout)
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-def process_exists(pid: int) -> bool:
-    """Whether ``pid`` names a live or unreaped process."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def make_executable(path: Path, script: str) -> Path:
-    """Write a /bin/sh script at ``path`` and make it executable."""
-    path.write_text(f"#!/bin/sh\n{script}\n")
-    path.chmod(0o755)
-    return path
-
-
-@pytest.fixture
-def listening_port() -> Iterator[int]:
-    """A 127.0.0.1 port that something else is listening on."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        yield sock.getsockname()[1]
 
 
 @pytest.fixture
