@@ -384,6 +384,15 @@ class LoggingConfig(BaseModel):
     format: Literal["json", "console"] = Field(
         default="json", description="json for machines, console for people."
     )
+    access_log: bool = Field(
+        default=False,
+        description="Log every served call once it ends: method, code, duration, peer.",
+    )
+    slow_call_seconds: float | None = Field(
+        default=1.0,
+        gt=0,
+        description="Warn about a served call that took longer than this; null turns it off.",
+    )
 
     @field_validator("level", mode="before")
     @classmethod

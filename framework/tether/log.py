@@ -12,7 +12,7 @@ import structlog
 
 from tether.context import current_call
 
-__all__ = ["add_call_context", "configure_logging", "get_logger"]
+__all__ = ["REDACTED", "add_call_context", "configure_logging", "get_logger", "redact_sensitive"]
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -21,6 +21,70 @@ _LEVELS = {
     "error": logging.ERROR,
     "critical": logging.CRITICAL,
 }
+
+
+#: What a sensitive value is replaced with in a log line.
+REDACTED = "[redacted]"
+# Substrings of a (lower-cased, '-' as '_') key that mark its value as secret.
+_SENSITIVE = (
+    "authorization",
+    "cookie",
+    "password",
+    "passwd",
+    "token",
+    "secret",
+    "api_key",
+    "apikey",
+)
+# Longest string value written as it is; longer ones are cut, so no payload is logged whole.
+_MAX_VALUE = 1024
+_DEPTH = 4
+# Fields later processors turn into text themselves (a traceback is not user data).
+_RENDERED_LATER = frozenset({"exc_info", "stack_info"})
+
+
+def _is_sensitive(key: object) -> bool:
+    if not isinstance(key, str):
+        return False
+    lowered = key.lower().replace("-", "_")
+    return any(marker in lowered for marker in _SENSITIVE)
+
+
+def _scrub(value: Any, depth: int = 0) -> Any:
+    """A copy of ``value`` with sensitive entries redacted and long strings cut."""
+    if isinstance(value, str):
+        return value if len(value) <= _MAX_VALUE else value[:_MAX_VALUE] + "...[cut]"
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    if depth >= _DEPTH:
+        return value if isinstance(value, int | float | bool) or value is None else "[nested]"
+    if isinstance(value, Mapping):
+        return {k: REDACTED if _is_sensitive(k) else _scrub(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        # Metadata is a sequence of (key, value) pairs: redact a pair by its key.
+        return [
+            (item[0], REDACTED)
+            if isinstance(item, tuple) and len(item) == 2 and _is_sensitive(item[0])
+            else _scrub(item, depth + 1)
+            for item in value
+        ]
+    return value
+
+
+def redact_sensitive(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mapping[str, Any]:
+    """Processor: redact secrets (authorization, cookies, passwords, tokens, API keys) by key,
+    in fields and in nested mappings and metadata pairs; cut long strings and bytes."""
+    for key, value in event_dict.items():
+        if key in _RENDERED_LATER:
+            continue
+        if _is_sensitive(key):
+            event_dict[key] = REDACTED
+        elif isinstance(value, str):
+            if len(value) > _MAX_VALUE:
+                event_dict[key] = _scrub(value)
+        elif isinstance(value, Mapping | list | tuple | bytes):
+            event_dict[key] = _scrub(value)
+    return event_dict
 
 
 def add_call_context(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mapping[str, Any]:
@@ -75,6 +139,7 @@ def configure_logging(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         add_call_context,
         _StaticFields(static or {}),
+        redact_sensitive,
     ]
     if fmt == "console":
         processors.append(structlog.dev.ConsoleRenderer(colors=False))
