@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tether.access_log import log_calls
 from tether.admission import admit
 from tether.channel import Channel
 from tether.client import dial
@@ -27,9 +28,10 @@ from tether.fallback import FallbackFn, Fallbacks
 from tether.health import SERVING, HealthService
 from tether.interceptors import ChainServerInterceptor
 from tether.log import configure_logging, get_logger
+from tether.metrics import Metrics, MetricsEndpoint, observe_server, serve_metrics
 from tether.middleware import Middleware
 from tether.recovery import recover
-from tether.registry import Instance, Registry, registry_from_config
+from tether.registry import EtcdRegistry, Instance, Registry, registry_from_config
 
 __all__ = ["App", "Hook", "default_server_middleware"]
 
@@ -47,14 +49,27 @@ Hook = Callable[["App"], Awaitable[None]]
 AddServicer = Callable[[Any, Any], None]
 
 
-def default_server_middleware(config: TetherConfig) -> list[Middleware]:
+def default_server_middleware(
+    config: TetherConfig, metrics: Metrics | None = None
+) -> list[Middleware]:
     """The server chain every tether service runs, outermost first.
 
-    This literal list is the one place the order is decided: recovery outermost, so nothing
-    escapes as a stack trace; the deadline check before admission, so an expired call takes no
-    slot; admission control last, right around the handler.
+    This literal list is the one place the order is decided: call metrics (with ``metrics``)
+    outermost, so they count the status the caller gets, INTERNAL from recovery included; the
+    access log and slow-call warning (``logging.access_log``, ``slow_call_seconds``) next, for
+    the same reason; recovery, so nothing escapes as a stack trace; the deadline check before
+    admission, so an expired call takes no slot; admission control last, around the handler.
+
+    Args:
+        config: the service's configuration.
+        metrics: where :func:`~tether.metrics.observe_server` records calls; none if None.
+
+    Returns:
+        A new list; callers may extend it.
     """
     return [
+        *([] if metrics is None else [observe_server(metrics)]),
+        log_calls(config.logging),
         recover,
         enforce_deadline,
         admit(config.server.admission),
@@ -103,6 +118,10 @@ class App:
         registry: where to register and discover; by default the one ``registry.backend``
             names, which the app closes when it stops. A registry passed in (for example one
             :class:`~tether.registry.MemoryRegistry` shared by several apps) is left open.
+
+    With ``metrics.enabled``, :attr:`metrics` records the server chain (when ``middleware`` is
+    omitted), every ``app.client()`` channel and the registration, and :meth:`start` serves
+    them at ``http://metrics.host:metrics.port/metrics`` until the app stops.
     """
 
     def __init__(
@@ -118,12 +137,17 @@ class App:
             registry if registry is not None else registry_from_config(self.config.registry)
         )
         self.instance: Instance | None = None
+        #: This app's Prometheus metrics; None when ``metrics.enabled`` is false.
+        self.metrics: Metrics | None = Metrics() if self.config.metrics.enabled else None
+        self._metrics_endpoint: MetricsEndpoint | None = None
         self._clients: dict[str, Channel] = {}
         self.instance_id = self.config.service.instance_id or _new_instance_id(
             self.config.service.name
         )
         self.middleware: tuple[Middleware, ...] = tuple(
-            default_server_middleware(self.config) if middleware is None else middleware
+            default_server_middleware(self.config, self.metrics)
+            if middleware is None
+            else middleware
         )
         self.health = HealthService()
         #: Fallbacks of the methods this service calls; checked against the protos at start-up.
@@ -253,6 +277,7 @@ class App:
                 discovery=self.registry,
                 config=self.config.client,
                 fallbacks=self.fallbacks,
+                metrics=self.metrics,
             )
             self._clients[service] = channel
         return channel if stub is None else stub(channel)
@@ -267,6 +292,13 @@ class App:
         return self._port
 
     @property
+    def metrics_port(self) -> int:
+        """The port the metrics endpoint is bound to (useful with ``metrics.port: 0``)."""
+        if self._metrics_endpoint is None:
+            raise RuntimeError("the app has not started, or metrics.enabled is false")
+        return self._metrics_endpoint.port
+
+    @property
     def target(self) -> str:
         """A loopback ``host:port`` a local client can dial."""
         host = self.config.server.host
@@ -278,8 +310,9 @@ class App:
         """Build and start the server; returns once it is serving and marked SERVING.
 
         Raises:
-            ConfigError: the configured address cannot be bound, or a fallback does not
-                match its method's output type.
+            ConfigError: the configured address (or, with metrics enabled, the metrics
+                address) cannot be bound, or a fallback does not match its method's output
+                type.
         """
         if self._server is not None:
             raise RuntimeError("the app has already started")
@@ -315,12 +348,22 @@ class App:
                 )
             ]
         )
+        # Metrics bind first: a gRPC server that never started keeps its port until the
+        # process ends, while the metrics endpoint can be closed if the gRPC bind fails.
+        if self.metrics is not None:
+            self._metrics_endpoint = self._serve_metrics(self.metrics)
         try:
-            port = server.add_insecure_port(address)
-        except RuntimeError as exc:  # newer grpcio raises; older ones return 0
-            raise unbindable from exc
-        if port == 0:
-            raise unbindable
+            try:
+                port = server.add_insecure_port(address)
+            except RuntimeError as exc:  # newer grpcio raises; older ones return 0
+                raise unbindable from exc
+            if port == 0:
+                raise unbindable
+        except ConfigError:
+            if self._metrics_endpoint is not None:
+                await self._metrics_endpoint.close()
+                self._metrics_endpoint = None
+            raise
         self._server = server
         self._port = port
         await server.start()
@@ -334,6 +377,27 @@ class App:
         )
         await self._run_hooks("after_start")
         await self._register()
+
+    def _serve_metrics(self, metrics: Metrics) -> MetricsEndpoint:
+        cfg = self.config.metrics
+        try:
+            return serve_metrics(metrics, host=cfg.host, port=cfg.port)
+        except OSError as exc:
+            field, value = (
+                ("metrics.host", cfg.host)
+                if isinstance(exc, socket.gaierror)
+                else ("metrics.port", cfg.port)
+            )
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        field,
+                        repr(value),
+                        f"cannot bind {cfg.host}:{cfg.port} for metrics (in use, not "
+                        "permitted, or not an address of this machine)",
+                    )
+                ]
+            ) from exc
 
     async def _register(self) -> None:
         if self.registry is None:
@@ -349,7 +413,16 @@ class App:
             metadata=svc.metadata,
         )
         try:
-            await self.registry.register(self.instance)
+            if self.metrics is not None and isinstance(self.registry, EtcdRegistry):
+                # Only an etcd registration can be lost after register() returns (outages,
+                # expired leases); its loop reports each change of state.
+                await self.registry.register(
+                    self.instance, on_state=self.metrics.observe_registration
+                )
+            else:
+                await self.registry.register(self.instance)
+                if self.metrics is not None:
+                    self.metrics.observe_registration("registered")
         except RegistryUnavailable:
             self.instance = None
             await self.stop(drain=0, grace=0)
@@ -375,6 +448,8 @@ class App:
         try:
             if self.registry is not None and self.instance is not None:
                 await self.registry.deregister(self.instance)
+                if self.metrics is not None:
+                    self.metrics.observe_registration("deregistered")
             await self._run_hooks("before_stop")
             if drain > 0 and not self._hurry.is_set():
                 # Time for balancers and watchers to route away; hurry() cuts it short.
@@ -389,6 +464,8 @@ class App:
             if self.registry is not None and self._owns_registry:
                 await self.registry.close()
         finally:
+            if self._metrics_endpoint is not None:
+                await self._metrics_endpoint.close()
             self._stopped.set()
         _log.info("stopped")
 

@@ -108,6 +108,8 @@ class Channel(grpc.aio.Channel):
         options: extra grpc channel options for every subchannel.
         credentials: TLS credentials; insecure if None.
         balancer: the pick policy; made from ``config.balancer`` if None.
+        on_members: called with the number of instances after each membership update
+            (metrics); must not raise or block.
 
     Raises:
         ValueError: the target is empty, or names discovery without a ``discovery``.
@@ -123,6 +125,7 @@ class Channel(grpc.aio.Channel):
         options: Sequence[tuple[str, Any]] = (),
         credentials: grpc.ChannelCredentials | None = None,
         balancer: Balancer | None = None,
+        on_members: Callable[[int], None] | None = None,
     ) -> None:
         cfg = config or ClientConfig()
         self._target = target
@@ -147,6 +150,7 @@ class Channel(grpc.aio.Channel):
         self._watch_error: str | None = None
         self._follower: asyncio.Task[None] | None = None
         self._watcher: Watcher | None = None
+        self._on_members = on_members
 
     # ----------------------------------------------------------------- inspection
 
@@ -480,6 +484,8 @@ class Channel(grpc.aio.Channel):
         # Removed instances stop receiving picks now; their calls in flight finish first.
         self._subchannels = members
         self._endpoints = tuple(members.values())
+        if self._on_members is not None:
+            self._on_members(len(members))
         loop = asyncio.get_running_loop()
         for sub in gone:
             task = loop.create_task(sub.retire(), name=f"tether retire {sub.address}")

@@ -13,19 +13,30 @@ from tether.config import ClientConfig
 from tether.deadline import bound_deadline
 from tether.fallback import Fallbacks, fallback
 from tether.limiter import rate_limit
+from tether.metrics import Metrics, observe_client
 from tether.middleware import Middleware
 from tether.registry.base import Discovery
 from tether.retry import retry
 
 __all__ = ["default_client_middleware", "dial"]
 
+#: The dependency name of a fixed-address channel dialled without ``service=``, in logs,
+#: breaker events and metric labels.
+_FIXED_ADDRESS = "(fixed address)"
+
 
 def default_client_middleware(
-    config: ClientConfig, service: str | None = None, fallbacks: Fallbacks | None = None
+    config: ClientConfig,
+    service: str | None = None,
+    fallbacks: Fallbacks | None = None,
+    metrics: Metrics | None = None,
 ) -> list[Middleware]:
     """The client chain every outbound call runs, outermost first.
 
-    This literal list is the one place the order is decided:
+    This literal list is the one place the order is decided. With ``metrics``,
+    ``observe_client`` comes first, so it counts and times each call as its caller sees it
+    (retries included, a fallback's answer as OK), and the steps below report to ``metrics``
+    through their listeners and hooks:
 
     1. ``bound_deadline``: every call gets a deadline (per-method default; never beyond the
        inbound call's, minus a margin); a spent one is refused before anything else runs.
@@ -43,18 +54,36 @@ def default_client_middleware(
         service: the dependency's name, whose ``client.services`` overrides apply.
         fallbacks: code fallbacks (an App's ``app.fallbacks``); fallbacks declared in the
             proto apply either way.
+        metrics: where to record calls, breaker changes, limiter refusals, retries and
+            fallbacks of this dependency; no metrics if None.
 
     Returns:
         A new list; callers may extend it.
     """
     policies = config.resolver(service)
-    name = service or "(fixed address)"
+    name = service or _FIXED_ADDRESS
+    m = metrics
     return [
+        *([] if m is None else [observe_client(m, target=name)]),
         bound_deadline(policies, margin=config.deadline_margin_seconds),
-        fallback(policies, fallbacks or Fallbacks(), service=name),
-        breaker(policies, service=name),
-        rate_limit(policies.limiter, service=name),
-        retry(config.retry, policies=policies, idempotent_methods=config.idempotent_methods),
+        fallback(
+            policies,
+            fallbacks or Fallbacks(),
+            service=name,
+            listeners=() if m is None else [m.observe_fallback],
+        ),
+        breaker(policies, service=name, listeners=() if m is None else [m.observe_breaker]),
+        rate_limit(
+            policies.limiter,
+            service=name,
+            on_reject=None if m is None else m.rejection_counter(name),
+        ),
+        retry(
+            config.retry,
+            policies=policies,
+            idempotent_methods=config.idempotent_methods,
+            on_retry=None if m is None else m.retry_counter(name),
+        ),
     ]
 
 
@@ -68,6 +97,7 @@ def dial(
     options: Sequence[tuple[str, Any]] = (),
     credentials: grpc.ChannelCredentials | None = None,
     fallbacks: Fallbacks | None = None,
+    metrics: Metrics | None = None,
 ) -> Channel:
     """Open a governed channel; its calls run the client chain, then go to a balanced instance.
 
@@ -83,6 +113,9 @@ def dial(
         options: extra gRPC channel options for every connection.
         credentials: TLS credentials; insecure connections if omitted.
         fallbacks: code fallbacks for the default chain (proto-declared ones always apply).
+        metrics: records the default chain's calls and governance (see
+            :func:`default_client_middleware`) and the instances known, under the dependency's
+            name; no metrics if None.
 
     Returns:
         A :class:`~tether.channel.Channel`, usable wherever generated stubs take a
@@ -94,7 +127,11 @@ def dial(
     cfg = config or ClientConfig()
     if service is None and target.startswith(DISCOVERY_SCHEME):
         service = target[len(DISCOVERY_SCHEME) :]
-    chain = default_client_middleware(cfg, service, fallbacks) if middleware is None else middleware
+    chain = (
+        default_client_middleware(cfg, service, fallbacks, metrics)
+        if middleware is None
+        else middleware
+    )
     return Channel(
         target,
         discovery=discovery,
@@ -102,4 +139,5 @@ def dial(
         middleware=chain,
         options=options,
         credentials=credentials,
+        on_members=None if metrics is None else metrics.instances_gauge(service or _FIXED_ADDRESS),
     )

@@ -159,6 +159,7 @@ def rate_limit(
     clock: Callable[[], float] = time.monotonic,
     sleep: Sleep = asyncio.sleep,
     limiter: Limiter | None = None,
+    on_reject: Callable[[], None] | None = None,
 ) -> Middleware:
     """Build the client rate-limit middleware for one dependency.
 
@@ -175,6 +176,7 @@ def rate_limit(
         sleep: waits for a reserved token; injectable for tests.
         limiter: replaces the bucket made from ``config`` (a custom algorithm); the default
             bucket is made once here, so each middleware instance limits one service.
+        on_reject: called once per refused call (metrics); must not raise or block.
 
     Returns:
         A client middleware; put it inside the deadline and the breaker, outside retry, so a
@@ -206,6 +208,8 @@ def rate_limit(
                 max_wait = min(max_wait, call.deadline - clock())
             if not await take(max(0.0, max_wait)):
                 retry_after = wait_time()
+                if on_reject is not None:
+                    on_reject()
                 raise RateLimited(
                     f"client rate limit for {service!r} exceeded ({limit}); "
                     f"not sent, a call may go in {retry_after:.3f} s",

@@ -203,6 +203,7 @@ def retry(
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     rand: Callable[[], float] = random.random,
     clock: Callable[[], float] = time.monotonic,
+    on_retry: Callable[[MethodName], None] | None = None,
 ) -> Middleware:
     """Build the retry middleware (see the module docstring for when a call is retried).
 
@@ -216,6 +217,8 @@ def retry(
         sleep: waits out a backoff; injectable for tests.
         rand: a uniform draw from [0, 1) for the jitter; injectable for tests.
         clock: ``time.monotonic`` or a fake, the clock call deadlines are measured on.
+        on_retry: called with the method each time an attempt after the first is about to
+            be sent (metrics); must not raise or block.
 
     Returns:
         A client middleware; put it inside the deadline, breaker and limiter, right outside
@@ -282,6 +285,8 @@ def retry(
                         await sleep(delay)
                     attempt_ctx = ctx.with_metadata([(PREVIOUS_ATTEMPTS_KEY, str(attempt))])
                     attempt += 1
+                    if on_retry is not None:
+                        on_retry(ctx.method)
                     continue
                 bucket.record_success()
                 return response

@@ -11,15 +11,18 @@ PACKAGE = Path(tether.__file__).parent
 
 #: Modules of the middleware core: they must not import grpc or google.protobuf.
 CORE = ["context.py", "middleware.py"]
-#: Governance and balancing: pure Python over the core, no grpc (protobuf descriptors are fine).
+#: Governance, balancing and metrics: pure Python over the core, no grpc (protobuf descriptors
+#: are fine).
 GRPC_FREE = [
     *CORE,
+    "access_log.py",
     "admission.py",
     "balancer.py",
     "breaker.py",
     "deadline.py",
     "fallback.py",
     "limiter.py",
+    "metrics.py",
     "retry.py",
 ]
 #: The only module that may touch grpc.aio's interceptor plumbing (the server half of the
@@ -59,7 +62,7 @@ def test_core_does_not_import_grpc() -> None:
 
 
 def test_governance_does_not_import_grpc() -> None:
-    """Balancing and governance (breaker, limiter, admission, deadline, retry) import no grpc."""
+    """Balancing, governance (breaker, limiter, admission, deadline, retry) and metrics: no grpc."""
     offenders = {name: _imports(PACKAGE / name) & {"grpc"} for name in GRPC_FREE}
     assert offenders == {name: set() for name in GRPC_FREE}
 

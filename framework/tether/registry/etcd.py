@@ -64,18 +64,28 @@ class Backoff:
 
 
 class _StateLog:
-    """Logs a loop's state only when it changes, so an outage is one line, not one per retry."""
+    """Logs a loop's state only when it changes, so an outage is one line, not one per retry.
 
-    def __init__(self, **fields: Any) -> None:
+    The one place a loop's state changes, so ``on_change`` (metrics) hears every change too.
+    """
+
+    def __init__(self, *, on_change: Callable[[str], None] | None = None, **fields: Any) -> None:
         self.state = "starting"
         self._fields = fields
+        self._on_change = on_change
 
-    def enter(self, state: str, message: str, *, warn: bool = False, **fields: Any) -> None:
+    def enter(self, state: str, message: str | None, *, warn: bool = False, **fields: Any) -> None:
         if state == self.state:
             return
         self.state = state
-        log = _log.warning if warn else _log.info
-        log(message, **self._fields, **fields)
+        if message is not None:
+            log = _log.warning if warn else _log.info
+            log(message, **self._fields, **fields)
+        if self._on_change is not None:
+            try:
+                self._on_change(state)
+            except Exception as exc:  # a broken metric must not break the registration loop
+                _log.error("registration state listener failed", exc_info=exc)
 
 
 class EtcdRegistry:
@@ -115,18 +125,28 @@ class EtcdRegistry:
 
     # ---------------------------------------------------------------- Registrar
 
-    async def register(self, instance: Instance) -> None:
+    async def register(
+        self, instance: Instance, *, on_state: Callable[[str], None] | None = None
+    ) -> None:
         """Publish ``instance`` and keep it published, through any etcd outage.
 
         Returns once the first attempt is over: registered, or (unless ``required``) left to
         the background loop, which registers as soon as etcd answers.
+
+        Args:
+            instance: what to publish.
+            on_state: told each change of the registration's state (metrics): ``registered``,
+                ``unreachable``, ``lost``, ``failing``, and ``deregistered`` at the end; must
+                not block.
 
         Raises:
             RegistryUnavailable: ``required`` is set and etcd did not answer within the TTL.
         """
         if instance.id in self._registrations:
             raise RuntimeError(f"instance {instance.id!r} is already registered")
-        registration = _Registration(self._conn, self.key(instance), instance, self.config)
+        registration = _Registration(
+            self._conn, self.key(instance), instance, self.config, on_state=on_state
+        )
         self._registrations[instance.id] = registration
         registration.start()
         if self.config.required:
@@ -215,7 +235,13 @@ class _Registration:
     """Keeps one instance's key alive: lease, put, keepalive; on any loss, start over."""
 
     def __init__(
-        self, conn: EtcdConnection, key: bytes, instance: Instance, config: RegistryConfig
+        self,
+        conn: EtcdConnection,
+        key: bytes,
+        instance: Instance,
+        config: RegistryConfig,
+        *,
+        on_state: Callable[[str], None] | None = None,
     ) -> None:
         self.instance = instance
         self.registered = asyncio.Event()
@@ -226,7 +252,9 @@ class _Registration:
         self._ttl = config.ttl_seconds
         self._lease: int | None = None
         self._task: asyncio.Task[None] | None = None
-        self._state = _StateLog(service=instance.service, instance_id=instance.id)
+        self._state = _StateLog(
+            on_change=on_state, service=instance.service, instance_id=instance.id
+        )
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
@@ -238,6 +266,7 @@ class _Registration:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self._state.enter("deregistered", None)  # logged below, once the lease is revoked
         if self._lease is None:
             return
         try:

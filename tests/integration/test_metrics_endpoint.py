@@ -1,0 +1,171 @@
+"""The Prometheus endpoint of a real App: scraped over loopback, parsed, and changing with calls."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import urllib.request
+from collections.abc import Mapping
+
+import grpc
+import pytest
+from echo.v1 import echo_pb2, echo_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+from support.echo_service import build_app
+
+import tether
+from tether.registry import MemoryRegistry
+from tether.testing import EtcdServer, eventually, loopback_config, running
+
+METRICS = {"enabled": True, "host": "127.0.0.1", "port": 0}
+SAY = {"service": "echo.v1.Echo", "method": "echo.v1.Echo/Say"}
+WAIT = 5.0
+
+# A proxy from the environment must never see a loopback scrape.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def _scrape(port: int) -> Samples:
+    with _DIRECT.open(f"http://127.0.0.1:{port}/metrics", timeout=WAIT) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def scrape(port: int) -> Samples:
+    """Every sample the endpoint serves, parsed; the blocking read runs off the event loop."""
+    return await asyncio.to_thread(_scrape, port)
+
+
+def sample(samples: Samples, name: str, labels: Mapping[str, str] | None = None) -> float:
+    """A sample's value; 0 for a series not exported yet."""
+    return samples.get((name, frozenset((labels or {}).items())), 0.0)
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return sample(after, name, labels) - sample(before, name, labels)
+
+
+async def test_server_counters_change_as_calls_are_made() -> None:
+    """An OK call and a NOT_FOUND one move their counters by one each, and the histogram by two."""
+    app = build_app(loopback_config("echo", metrics=METRICS))
+    async with running(app), tether.dial(app.target) as channel:
+        echo = echo_pb2_grpc.EchoStub(channel)
+        before = await scrape(app.metrics_port)
+        await echo.Say(echo_pb2.SayRequest(text="hi"), timeout=WAIT)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await echo.Say(echo_pb2.SayRequest(fail="not-found"), timeout=WAIT)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        after = await scrape(app.metrics_port)
+    assert delta(before, after, "tether_server_calls_total", **SAY, code="OK") == 1
+    assert delta(before, after, "tether_server_calls_total", **SAY, code="NOT_FOUND") == 1
+    assert delta(before, after, "tether_server_call_seconds_count", **SAY) == 2
+    assert sample(after, "tether_server_in_flight", SAY) == 0
+
+
+async def test_internal_errors_and_streams_are_counted_as_callers_see_them() -> None:
+    """A handler's bug counts as INTERNAL (metrics sit outside recover); a stream at its end."""
+    app = build_app(loopback_config("echo", metrics=METRICS))
+    split = {"service": "echo.v1.Echo", "method": "echo.v1.Echo/Split"}
+    async with running(app), tether.dial(app.target) as channel:
+        echo = echo_pb2_grpc.EchoStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await echo.Say(echo_pb2.SayRequest(fail="boom"), timeout=WAIT)
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        words = [r.text async for r in echo.Split(echo_pb2.SayRequest(text="a b c"))]
+        assert words == ["a", "b", "c"]
+        samples = await scrape(app.metrics_port)
+    assert sample(samples, "tether_server_calls_total", {**SAY, "code": "INTERNAL"}) == 1
+    assert sample(samples, "tether_server_calls_total", {**split, "code": "OK"}) == 1
+    assert sample(samples, "tether_server_in_flight", split) == 0
+
+
+async def test_client_metrics_through_app_client() -> None:
+    """app.client's calls are counted under the dependency's name, with its instances known."""
+    registry = MemoryRegistry()
+    echo_app = build_app(loopback_config("echo", metrics=METRICS), registry=registry)
+    caller = tether.App(loopback_config("caller", metrics=METRICS), registry=registry)
+    client = {"target": "echo", "method": "echo.v1.Echo/Say"}
+    async with running(echo_app), running(caller):
+        echo = caller.client("echo", echo_pb2_grpc.EchoStub)
+        before = await scrape(caller.metrics_port)
+        await echo.Say(echo_pb2.SayRequest(text="hi"))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await echo.Say(echo_pb2.SayRequest(fail="not-found"))
+        after = await scrape(caller.metrics_port)
+        served = await scrape(echo_app.metrics_port)
+    assert delta(before, after, "tether_client_calls_total", **client, code="OK") == 1
+    assert delta(before, after, "tether_client_calls_total", **client, code="NOT_FOUND") == 1
+    assert delta(before, after, "tether_client_call_seconds_count", **client) == 2
+    assert sample(after, "tether_client_in_flight", client) == 0
+    assert sample(after, "tether_instances", {"target": "echo"}) == 1
+    assert sample(after, "tether_registration_state") == 1
+    # Each app exports its own registry: the caller served nothing, the echo app called nothing.
+    assert not any(name == "tether_server_calls_total" for name, _ in after)
+    assert not any(name == "tether_client_calls_total" for name, _ in served)
+    assert sample(served, "tether_server_calls_total", {**SAY, "code": "OK"}) == 1
+
+
+async def test_the_endpoint_stops_with_the_app() -> None:
+    """Once the app has stopped, its metrics port refuses connections."""
+    app = build_app(loopback_config("echo", metrics=METRICS))
+    async with running(app):
+        port = app.metrics_port
+        assert sample(await scrape(port), "tether_server_in_flight", SAY) == 0
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_a_metrics_port_in_use_is_refused_with_config_error() -> None:
+    """A metrics port another socket holds is refused at start-up naming metrics.port."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        app = build_app(loopback_config("echo", metrics={**METRICS, "port": port}))
+        with pytest.raises(tether.ConfigError) as err:
+            await app.start()
+    assert [p.field for p in err.value.problems] == ["metrics.port"]
+    assert f"metrics.port={port}: cannot bind 127.0.0.1:{port}" in str(err.value)
+
+
+async def test_a_grpc_port_in_use_releases_the_metrics_port() -> None:
+    """When the gRPC port is refused, the metrics endpoint bound before it is closed again."""
+    with socket.socket() as holder, socket.socket() as probe:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+        probe.close()  # a port known to be free; the app binds it for metrics
+        config = loopback_config(
+            "echo",
+            server={"port": holder.getsockname()[1]},
+            metrics={**METRICS, "port": metrics_port},
+        )
+        with pytest.raises(tether.ConfigError, match=r"server\.port"):
+            await build_app(config).start()
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", metrics_port)
+
+
+async def test_registration_state_follows_etcd_through_an_outage(etcd: EtcdServer) -> None:
+    """The gauge is 1 once registered, 0 while etcd is away, 1 again once it answers."""
+    registry = {"backend": "etcd", "endpoints": [etcd.endpoint], "ttl_seconds": 2}
+    app = build_app(loopback_config("echo", registry=registry, metrics=METRICS))
+
+    async def registration_is(expected: float) -> bool:
+        return sample(await scrape(app.metrics_port), "tether_registration_state") == expected
+
+    async with running(app):
+        assert await registration_is(1)
+        etcd.stop()
+        await eventually(lambda: registration_is(0), within=10, message="0 while unreachable")
+        etcd.start()
+        await eventually(lambda: registration_is(1), within=10, message="1 once registered")
+    assert app.metrics is not None
+    assert app.metrics.registry.get_sample_value("tether_registration_state") == 0
