@@ -147,7 +147,7 @@ def admit(config: AdmissionConfig, *, clock: Callable[[], float] = time.monotoni
             if call is None:
                 return await handler(request)
             name = call.method
-            gate = gate_of(name.full, f"{name.qualified_service}/{name.method}")
+            gate = gate_of(name.full, name.path)
             if gate is None:
                 return await handler(request)
             gate.enter()

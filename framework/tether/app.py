@@ -31,7 +31,7 @@ from tether.log import configure_logging, get_logger
 from tether.metrics import Metrics, MetricsEndpoint, observe_server, serve_metrics
 from tether.middleware import Middleware
 from tether.recovery import recover
-from tether.registry import EtcdRegistry, Instance, Registry, registry_from_config
+from tether.registry import Instance, Registry, registry_from_config
 
 __all__ = ["App", "Hook", "default_server_middleware"]
 
@@ -413,16 +413,8 @@ class App:
             metadata=svc.metadata,
         )
         try:
-            if self.metrics is not None and isinstance(self.registry, EtcdRegistry):
-                # Only an etcd registration can be lost after register() returns (outages,
-                # expired leases); its loop reports each change of state.
-                await self.registry.register(
-                    self.instance, on_state=self.metrics.observe_registration
-                )
-            else:
-                await self.registry.register(self.instance)
-                if self.metrics is not None:
-                    self.metrics.observe_registration("registered")
+            on_state = None if self.metrics is None else self.metrics.observe_registration
+            await self.registry.register(self.instance, on_state=on_state)
         except RegistryUnavailable:
             self.instance = None
             await self.stop(drain=0, grace=0)
@@ -447,9 +439,7 @@ class App:
         self.health.shutdown()
         try:
             if self.registry is not None and self.instance is not None:
-                await self.registry.deregister(self.instance)
-                if self.metrics is not None:
-                    self.metrics.observe_registration("deregistered")
+                await self.registry.deregister(self.instance)  # on_state hears it
             await self._run_hooks("before_stop")
             if drain > 0 and not self._hurry.is_set():
                 # Time for balancers and watchers to route away; hurry() cuts it short.

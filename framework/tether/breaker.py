@@ -352,7 +352,7 @@ class Breakers:
             return self._guards[method.full]
         except KeyError:
             pass
-        name = method.full.lstrip("/")
+        name = method.path
         policy = self._resolver.policy(name).breaker
         guard: _Guard | None = None
         if policy.enabled:

@@ -427,99 +427,53 @@ class _StreamResponseCall(
 
 
 class _MultiCallable:
-    """What ``channel.unary_unary(...)`` and friends return: makes calls of one method."""
+    """What ``channel.unary_unary(...)`` and friends return: makes calls of one method.
+
+    One ``__call__`` serves the four shapes; the subclasses below only give each shape its
+    ``grpc.aio`` type, so stubs and type checkers see what they expect.
+    """
 
     def __init__(self, runner: CallRunner, spec: MethodSpec) -> None:
         self._runner = runner
         self._spec = spec
+        self._call_class = _StreamResponseCall if spec.response_streaming else _UnaryResponseCall
+
+    def __call__(
+        self,
+        request: Any = None,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        # ``request`` is the request iterator of a client-streaming method.
+        return self._call_class(
+            self._runner,
+            self._spec,
+            request,
+            timeout,
+            metadata,
+            credentials,
+            wait_for_ready,
+            compression,
+        )
 
 
 class _UnaryUnaryMultiCallable(_MultiCallable, grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
-    def __call__(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> grpc.aio.UnaryUnaryCall[Any, Any]:
-        return _UnaryResponseCall(
-            self._runner,
-            self._spec,
-            request,
-            timeout,
-            metadata,
-            credentials,
-            wait_for_ready,
-            compression,
-        )
+    pass
 
 
 class _StreamUnaryMultiCallable(_MultiCallable, grpc.aio.StreamUnaryMultiCallable[Any, Any]):
-    def __call__(
-        self,
-        request_iterator: Any = None,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> grpc.aio.StreamUnaryCall[Any, Any]:
-        return _UnaryResponseCall(
-            self._runner,
-            self._spec,
-            request_iterator,
-            timeout,
-            metadata,
-            credentials,
-            wait_for_ready,
-            compression,
-        )
+    pass
 
 
 class _UnaryStreamMultiCallable(_MultiCallable, grpc.aio.UnaryStreamMultiCallable[Any, Any]):
-    def __call__(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> grpc.aio.UnaryStreamCall[Any, Any]:
-        return _StreamResponseCall(
-            self._runner,
-            self._spec,
-            request,
-            timeout,
-            metadata,
-            credentials,
-            wait_for_ready,
-            compression,
-        )
+    pass
 
 
 class _StreamStreamMultiCallable(_MultiCallable, grpc.aio.StreamStreamMultiCallable[Any, Any]):
-    def __call__(
-        self,
-        request_iterator: Any = None,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> grpc.aio.StreamStreamCall[Any, Any]:
-        return _StreamResponseCall(
-            self._runner,
-            self._spec,
-            request_iterator,
-            timeout,
-            metadata,
-            credentials,
-            wait_for_ready,
-            compression,
-        )
+    pass
 
 
 _MULTICALLABLES: dict[str, type[_MultiCallable]] = {

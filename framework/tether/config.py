@@ -34,9 +34,10 @@ from tether.config_policies import (
     PolicyResolver,
     RetryConfig,
     ServicePolicy,
-    StatusName,
+    StatusNames,
     first_problem,
     split_names,
+    upper_status_names,
 )
 from tether.config_problems import (
     DNS_LABEL,
@@ -293,7 +294,7 @@ class ClientConfig(BaseModel):
     breaker: BreakerConfig = Field(
         default_factory=BreakerConfig, description="Circuit breaker per (service, method)."
     )
-    fallback_codes: Annotated[tuple[StatusName, ...], NoDecode] = Field(
+    fallback_codes: StatusNames = Field(
         default=("UNAVAILABLE", "DEADLINE_EXCEEDED"),
         description=(
             "Status names on which a method's declared fallback answers; an open breaker "
@@ -316,10 +317,7 @@ class ClientConfig(BaseModel):
     @field_validator("fallback_codes", mode="before")
     @classmethod
     def _upper_codes(cls, value: object) -> object:
-        value = split_names(value)
-        if not isinstance(value, list | tuple):
-            return value
-        return [v.upper() if isinstance(v, str) else v for v in value]
+        return upper_status_names(value)
 
     @model_validator(mode="after")
     def _check_overrides(self) -> Self:
@@ -340,7 +338,6 @@ class ClientConfig(BaseModel):
             retry=self.retry,
             breaker=self.breaker,
             fallback_codes=self.fallback_codes,
-            idempotent_methods=self.idempotent_methods,
             service=self.services.get(service) if service else None,
         )
 

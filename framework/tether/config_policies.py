@@ -34,7 +34,9 @@ __all__ = [
     "RetryConfig",
     "ServicePolicy",
     "StatusName",
+    "StatusNames",
     "split_names",
+    "upper_status_names",
 ]
 
 
@@ -84,6 +86,10 @@ def _check_method_pattern(value: str) -> str:
 MethodPattern = Annotated[str, AfterValidator(_check_method_pattern)]
 
 
+#: A list of status names in configuration (a comma list or a JSON array in the environment).
+StatusNames = Annotated[tuple[StatusName, ...], NoDecode]
+
+
 class RetryConfig(BaseModel):
     """Retries of outbound unary calls, with gRFC A6 semantics (backoff, throttling, pushback)."""
 
@@ -104,7 +110,7 @@ class RetryConfig(BaseModel):
     backoff_multiplier: float = Field(
         default=2.0, gt=0, description="Growth of the delay bound from one retry to the next."
     )
-    retryable_status_codes: Annotated[tuple[StatusName, ...], NoDecode] = Field(
+    retryable_status_codes: StatusNames = Field(
         default=("UNAVAILABLE",),
         description=(
             "Status names that are retried, e.g. UNAVAILABLE; in the environment a "
@@ -127,12 +133,7 @@ class RetryConfig(BaseModel):
     @field_validator("retryable_status_codes", mode="before")
     @classmethod
     def _upper_codes(cls, value: object) -> object:
-        value = split_names(value)
-        if not isinstance(value, list | tuple):
-            return value
-        # Only a known name is upper-cased, so a refused one is shown as it was written.
-        known = get_args(StatusName)
-        return [v.upper() if isinstance(v, str) and v.upper() in known else v for v in value]
+        return upper_status_names(value)
 
     @model_validator(mode="after")
     def _check_backoff(self) -> Self:
@@ -158,16 +159,15 @@ NEVER_FAILURES = frozenset(
 )
 
 
-def _upper_status_names(value: object) -> object:
+def upper_status_names(value: object) -> object:
+    """A validator's input, with known status names upper-cased (a list from the environment
+    split first); an unknown name is left as written, so the refusal shows it as given."""
     value = split_names(value)
     if not isinstance(value, list | tuple):
         return value
     # Only a known name is upper-cased, so a refused one is shown as it was written.
     known = get_args(StatusName)
     return [v.upper() if isinstance(v, str) and v.upper() in known else v for v in value]
-
-
-_StatusNames = Annotated[tuple[StatusName, ...], NoDecode]
 
 
 class BreakerConfig(BaseModel):
@@ -188,7 +188,7 @@ class BreakerConfig(BaseModel):
     success_threshold: int = Field(
         default=1, ge=1, le=1000, description="Probe successes that close the breaker again."
     )
-    failure_codes: _StatusNames = Field(
+    failure_codes: StatusNames = Field(
         default=("UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN", "DATA_LOSS"),
         description="Status names that count as failures of the dependency.",
     )
@@ -196,7 +196,7 @@ class BreakerConfig(BaseModel):
     @field_validator("failure_codes", mode="before")
     @classmethod
     def _upper_codes(cls, value: object) -> object:
-        return _upper_status_names(value)
+        return upper_status_names(value)
 
     @field_validator("failure_codes")
     @classmethod
@@ -209,11 +209,12 @@ class BreakerConfig(BaseModel):
             )
         return value
 
-    @model_validator(mode="after")
-    def _probes_can_close(self) -> Self:
-        if self.success_threshold < 1:
-            raise ValueError("success_threshold must be >= 1")
-        return self
+
+def bucket_capacity(rate: float | None, burst: int | None) -> int:
+    """A token bucket's size: ``burst`` if given, else one second's worth of ``rate`` (>= 1)."""
+    if burst is not None:
+        return burst
+    return max(1, int(rate or 1))
 
 
 class LimiterConfig(BaseModel):
@@ -238,9 +239,7 @@ class LimiterConfig(BaseModel):
     @property
     def capacity(self) -> int:
         """The bucket's size."""
-        if self.burst is not None:
-            return self.burst
-        return max(1, int(self.rate or 1))
+        return bucket_capacity(self.rate, self.burst)
 
 
 class MethodPolicy(BaseModel):
@@ -255,14 +254,14 @@ class MethodPolicy(BaseModel):
     )
     retry: RetryConfig | None = Field(default=None, description="Retry overrides.")
     breaker: BreakerConfig | None = Field(default=None, description="Breaker overrides.")
-    fallback_codes: _StatusNames | None = Field(
+    fallback_codes: StatusNames | None = Field(
         default=None, description="Status names on which a declared fallback answers."
     )
 
     @field_validator("fallback_codes", mode="before")
     @classmethod
     def _upper_codes(cls, value: object) -> object:
-        return _upper_status_names(value)
+        return upper_status_names(value)
 
 
 class ServicePolicy(MethodPolicy):
@@ -318,7 +317,6 @@ class PolicyResolver:
         retry: RetryConfig,
         breaker: BreakerConfig,
         fallback_codes: tuple[str, ...],
-        idempotent_methods: tuple[str, ...] = (),
         service: ServicePolicy | None = None,
     ) -> None:
         self._service = service or ServicePolicy()
@@ -333,7 +331,6 @@ class PolicyResolver:
             self._service,
         )
         self._base = base
-        self._idempotent_methods = idempotent_methods
         self._cache: dict[str, CallPolicy] = {}
 
     @property
@@ -422,9 +419,7 @@ class AdmissionLimits(BaseModel):
     @property
     def capacity(self) -> int:
         """The size of the method's token bucket."""
-        if self.burst is not None:
-            return self.burst
-        return max(1, int(self.rate or 1))
+        return bucket_capacity(self.rate, self.burst)
 
     @property
     def limited(self) -> bool:

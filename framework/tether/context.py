@@ -9,7 +9,7 @@ import functools
 import time
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "CallContext",
@@ -33,11 +33,16 @@ class MethodName:
     package: str
     service: str
     method: str
+    #: The service with its package, as protos and health checks name it: ``pkg.v1.Service``.
+    qualified_service: str = field(init=False, repr=False, compare=False)
+    #: ``pkg.v1.Service/Method``: how configuration, fallbacks and metrics name the method.
+    path: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def qualified_service(self) -> str:
-        """The service with its package, as protos and health checks name it: ``pkg.v1.Service``."""
-        return f"{self.package}.{self.service}" if self.package else self.service
+    def __post_init__(self) -> None:
+        # Computed once per method (parse is cached), not by every middleware on every call.
+        qualified = f"{self.package}.{self.service}" if self.package else self.service
+        object.__setattr__(self, "qualified_service", qualified)
+        object.__setattr__(self, "path", f"{qualified}/{self.method}")
 
     @staticmethod
     @functools.lru_cache(maxsize=4096)

@@ -48,8 +48,7 @@ def bound_deadline(
             now = clock()
             deadline = ctx.deadline
             if deadline is None and not ctx.response_streaming:
-                method = f"{ctx.method.qualified_service}/{ctx.method.method}"
-                deadline = now + resolver.policy(method).timeout_seconds
+                deadline = now + resolver.policy(ctx.method.path).timeout_seconds
             parent = ctx.parent
             inherited = parent is not None and parent.deadline is not None
             if parent is not None and parent.deadline is not None:

@@ -420,7 +420,7 @@ def fallback(
             try:
                 return await handler(request)
             except StatusError as err:
-                method = _method_key(ctx.method.full)
+                method = ctx.method.path
                 if not _replaceable(err, resolver, method):
                     raise
                 found = fallbacks.lookup(method)

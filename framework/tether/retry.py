@@ -188,7 +188,7 @@ class IdempotencyClassifier:
 
     def _decide(self, method: MethodName) -> bool:
         service = method.qualified_service
-        if service in self._services or f"{service}/{method.method}" in self._methods:
+        if service in self._services or method.path in self._methods:
             return True
         return declared_idempotent(f"{service}.{method.method}", self._pool)
 
@@ -231,7 +231,7 @@ def retry(
     def settings(method: MethodName) -> tuple[RetryConfig, bool]:
         if policies is None:
             return base, classify(method)
-        policy = policies.policy(f"{method.qualified_service}/{method.method}")
+        policy = policies.policy(method.path)
         declared = policy.idempotent
         return policy.retry, classify(method) if declared is None else declared
 

@@ -10,7 +10,7 @@ import signal
 import socket
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,21 +26,11 @@ from tether.channel import Channel
 from tether.config import ClientConfig
 from tether.registry.base import Instance, InstanceWatch, Watcher
 from tether.registry.memory import MemoryRegistry
-from tether.testing import loopback_config, running
+from tether.testing import eventually, loopback_config, running
 
 Req = echo_pb2.SayRequest
 WAIT = 10.0  # bound on every wait here; a healthy run needs a fraction of it
 E = TypeVar("E", bound=Endpoint)
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    """Poll ``check`` until it holds; fail naming ``what`` if it does not within ``timeout``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @dataclass
@@ -91,7 +81,8 @@ async def all_ready(channel: Channel, count: int) -> None:
             len(channel.subchannels) == count
             and all(sub.ready for sub in channel.subchannels.values())
         ),
-        f"{count} connected instances, have {list(channel.subchannels.values())}",
+        within=WAIT,
+        message=f"{count} connected instances, have {list(channel.subchannels.values())}",
     )
 
 
@@ -182,7 +173,8 @@ async def test_p2c_steers_away_from_busy_instances(registry: MemoryRegistry) -> 
             held = slow.servicer.holding
             await eventually(
                 lambda call=call, held=held: call.done() or slow.servicer.holding > held,  # type: ignore[misc]
-                "the call to be answered or held",
+                within=WAIT,
+                message="the call to be answered or held",
             )
         on_slow = slow.servicer.holding
         slow.servicer.release.set()
@@ -214,7 +206,8 @@ async def test_membership_changes_keep_calls_and_connections(registry: MemoryReg
         held = [asyncio.ensure_future(stub.Hold(Req(text=f"h{i}"))) for i in range(2)]
         await eventually(
             lambda: a.servicer.holding == 1 and b.servicer.holding == 1,
-            "one held call on each instance",
+            within=WAIT,
+            message="one held call on each instance",
         )
         async with node("c", registry):
             await all_ready(channel, 3)
@@ -222,7 +215,9 @@ async def test_membership_changes_keep_calls_and_connections(registry: MemoryReg
             assert channel.subchannels[b.address] is before[b.address]
 
             await registry.deregister(a.instance)
-            await eventually(lambda: a.address not in channel.subchannels, "a to leave")
+            await eventually(
+                lambda: a.address not in channel.subchannels, within=WAIT, message="a to leave"
+            )
             assert not before[a.address].closed, "a's call in flight must be allowed to finish"
             seen = await answered_by(stub, 10)
             assert seen == {"b": 5, "c": 5}
@@ -231,7 +226,9 @@ async def test_membership_changes_keep_calls_and_connections(registry: MemoryReg
             b.servicer.release.set()
             replies = await asyncio.gather(*held)
             assert sorted(r.text for r in replies) == ["h0", "h1"]
-            await eventually(lambda: before[a.address].closed, "a's subchannel to close")
+            await eventually(
+                lambda: before[a.address].closed, within=WAIT, message="a's subchannel to close"
+            )
             assert channel.subchannels[b.address] is before[b.address]
 
 
@@ -364,13 +361,25 @@ async def test_killed_instance_costs_no_idempotent_call(
 
             # A few callers, so that calls are in flight on the victim when it dies.
             callers = [asyncio.ensure_future(call_in_a_loop()) for _ in range(4)]
-            await eventually(lambda: answered["victim"] >= 20, "calls answered by the victim")
+            await eventually(
+                lambda: answered["victim"] >= 20,
+                within=WAIT,
+                message="calls answered by the victim",
+            )
             victim.send_signal(signal.SIGKILL)
             killed_at = len(picks.picked)
             await victim.wait()
-            await eventually(lambda: not channel.subchannels[address].ready, "victim not ready")
+            await eventually(
+                lambda: not channel.subchannels[address].ready,
+                within=WAIT,
+                message="victim not ready",
+            )
             after = answered.total()
-            await eventually(lambda: answered.total() >= after + 300, "300 calls after the kill")
+            await eventually(
+                lambda: answered.total() >= after + 300,
+                within=WAIT,
+                message="300 calls after the kill",
+            )
             stop.set()
             await asyncio.gather(*callers)
     assert failures == []
@@ -432,7 +441,9 @@ async def test_sent_non_idempotent_call_is_not_retried() -> None:
             held = asyncio.ensure_future(
                 echo_pb2_grpc.EchoStub(channel).Hold(Req(text="x"), timeout=WAIT)
             )
-            await eventually(lambda: doomed.servicer.holding == 1, "the call to be held")
+            await eventually(
+                lambda: doomed.servicer.holding == 1, within=WAIT, message="the call to be held"
+            )
             await doomed.app.stop(drain=0, grace=0)
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await held
@@ -467,7 +478,11 @@ async def test_instance_that_comes_back_is_used_again() -> None:
         stub = echo_pb2_grpc.EchoStub(channel)
         assert (await stub.Say(Req(text="x"))).seen["instance"] == "first"
     try:
-        await eventually(lambda: not channel.subchannels[address].ready, "the connection to drop")
+        await eventually(
+            lambda: not channel.subchannels[address].ready,
+            within=WAIT,
+            message="the connection to drop",
+        )
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Say(Req(text="x"), timeout=WAIT)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -475,7 +490,9 @@ async def test_instance_that_comes_back_is_used_again() -> None:
         async with running(second, grace=1):
             loop = asyncio.get_running_loop()
             started = loop.time()
-            await eventually(lambda: channel.subchannels[address].ready, "a new connection")
+            await eventually(
+                lambda: channel.subchannels[address].ready, within=WAIT, message="a new connection"
+            )
             took = loop.time() - started
             assert (await stub.Say(Req(text="x"))).seen["instance"] == "second"
     finally:
@@ -532,10 +549,14 @@ async def test_closing_leaves_no_tasks(registry: MemoryRegistry) -> None:
         stub = echo_pb2_grpc.EchoStub(channel)
         await answered_by(stub, 4)
         held = asyncio.ensure_future(stub.Hold(Req(text="h"), timeout=WAIT))
-        await eventually(lambda: a.servicer.holding + b.servicer.holding == 1, "a held call")
+        await eventually(
+            lambda: a.servicer.holding + b.servicer.holding == 1, within=WAIT, message="a held call"
+        )
         holder = a if a.servicer.holding else b
         await registry.deregister(holder.instance)  # its subchannel retires, a call in flight
-        await eventually(lambda: len(channel.subchannels) == 1, "one instance left")
+        await eventually(
+            lambda: len(channel.subchannels) == 1, within=WAIT, message="one instance left"
+        )
         await channel.close()
         with pytest.raises(asyncio.CancelledError):  # as grpc.aio does for a closed channel
             await held
@@ -543,5 +564,6 @@ async def test_closing_leaves_no_tasks(registry: MemoryRegistry) -> None:
         assert ours == []
     await eventually(
         lambda: asyncio.all_tasks() <= before,
-        f"every task to end; left: {asyncio.all_tasks() - before}",
+        within=WAIT,
+        message=f"every task to end; left: {asyncio.all_tasks() - before}",
     )

@@ -120,3 +120,13 @@ async def test_closed_watch_ends_async_iteration() -> None:
         seen.append(snapshot)
         watch.close()
     assert seen == [[]]
+
+
+async def test_memory_registry_reports_registration_state() -> None:
+    """on_state hears registered at once and deregistered when withdrawn."""
+    registry = MemoryRegistry()
+    states: list[str] = []
+    await registry.register(users(1), on_state=states.append)
+    assert states == ["registered"]
+    await registry.deregister(users(1))
+    assert states == ["registered", "deregistered"]

@@ -139,8 +139,15 @@ class Watcher(Protocol):
 class Registrar(Protocol):
     """Makes an instance findable for as long as it runs."""
 
-    async def register(self, instance: Instance) -> None:
-        """Publish ``instance`` and keep it published until :meth:`deregister`."""
+    async def register(
+        self, instance: Instance, *, on_state: Callable[[str], None] | None = None
+    ) -> None:
+        """Publish ``instance`` and keep it published until :meth:`deregister`.
+
+        ``on_state`` is told each change of the registration's state (``registered``, and for
+        backends that can lose it after this returns, ``unreachable`` / ``lost`` / ...), e.g.
+        for a metric; ``deregistered`` once it is withdrawn.
+        """
         ...
 
     async def deregister(self, instance: Instance) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 from tether.registry.base import Instance, InstanceWatch, Watcher, sorted_instances
 
@@ -19,16 +20,29 @@ class MemoryRegistry:
     def __init__(self) -> None:
         self._instances: dict[str, dict[str, Instance]] = defaultdict(dict)
         self._watches: dict[str, set[InstanceWatch]] = defaultdict(set)
+        self._on_state: dict[str, Callable[[str], None]] = {}
 
-    async def register(self, instance: Instance) -> None:
-        """Publish ``instance``, replacing an earlier registration with the same id."""
+    async def register(
+        self, instance: Instance, *, on_state: Callable[[str], None] | None = None
+    ) -> None:
+        """Publish ``instance``, replacing an earlier registration with the same id.
+
+        In memory a registration cannot be lost: ``on_state`` hears ``registered`` now and
+        ``deregistered`` when it is withdrawn.
+        """
         self._instances[instance.service][instance.id] = instance
         self._publish(instance.service)
+        if on_state is not None:
+            self._on_state[instance.id] = on_state
+            on_state("registered")
 
     async def deregister(self, instance: Instance) -> None:
         """Withdraw ``instance``; withdrawing an unknown instance does nothing."""
         if self._instances[instance.service].pop(instance.id, None) is not None:
             self._publish(instance.service)
+        on_state = self._on_state.pop(instance.id, None)
+        if on_state is not None:
+            on_state("deregistered")
 
     async def get(self, service: str) -> list[Instance]:
         """The instances of ``service`` registered now."""

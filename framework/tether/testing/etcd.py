@@ -19,11 +19,12 @@ import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import etcd3
+
+from tether.testing._managed import Managed
 
 __all__ = ["EtcdNotFound", "EtcdServer", "EtcdStartError", "find_etcd_binary"]
 
@@ -251,7 +252,7 @@ def _await_launches(
     return None
 
 
-class EtcdServer:
+class EtcdServer(Managed):
     """A real etcd on 127.0.0.1, with a data dir and a log file of its own.
 
     A single node by default, or one member of a cluster (``EtcdCluster`` makes those).
@@ -325,22 +326,6 @@ class EtcdServer:
         self._finalizer = weakref.finalize(self, _release, self._owned)
         self._data_dir = data_dir if data_dir is not None else self._owned.root / "data"
         self._log_path = self._owned.root / "etcd.log"
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = f"running, pid {self.pid}" if self.is_running else "stopped"

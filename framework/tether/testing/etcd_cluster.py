@@ -10,9 +10,9 @@ import time
 import urllib.error
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
+from tether.testing._managed import Managed
 from tether.testing.etcd import (
     _DIRECT,
     _HEALTH_POLL_INTERVAL,
@@ -86,7 +86,7 @@ def _await_peer_service(launch: _Launch, deadline: float, timeout: float) -> _Fa
     return _fail_launch(launch, "it exited")
 
 
-class EtcdCluster:
+class EtcdCluster(Managed):
     """A real etcd cluster on 127.0.0.1: ``size`` members, each an ``EtcdServer`` of its own.
 
     Use it as a context manager (start on enter, close on exit), or call ``start()`` and
@@ -124,22 +124,6 @@ class EtcdCluster:
         self._token = f"tether-{secrets.token_hex(4)}"
         self._members: list[EtcdServer] = []
         self._closed = False
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         running = sum(member.is_running for member in self._members)

@@ -11,8 +11,9 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Coroutine
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
+
+from tether.testing._managed import Managed
 
 __all__ = ["TcpProxy"]
 
@@ -90,7 +91,7 @@ class _Link:
                 writer.close()
 
 
-class TcpProxy:
+class TcpProxy(Managed):
     """A TCP proxy from a free 127.0.0.1 port to a loopback upstream, with faults on demand.
 
     It runs its own event loop in a daemon thread, so it keeps forwarding while the test's
@@ -125,22 +126,6 @@ class TcpProxy:
         self._links: set[_Link] = set()
         self._mode = _Mode.FORWARD
         self._delay = 0.0
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         where = self.address if self._port is not None else "not listening"
