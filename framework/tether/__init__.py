@@ -35,6 +35,7 @@ from tether.interceptors import ChainServerInterceptor
 from tether.log import configure_logging, get_logger
 from tether.middleware import Handler, Middleware, chain
 from tether.recovery import recover
+from tether.tracing import Tracing, in_context, to_thread
 
 try:
     __version__ = version("tether")
@@ -66,6 +67,7 @@ __all__ = [
     "StatusError",
     "TetherConfig",
     "TetherError",
+    "Tracing",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
@@ -77,7 +79,9 @@ __all__ = [
     "default_server_middleware",
     "dial",
     "get_logger",
+    "in_context",
     "load_config",
     "recover",
+    "to_thread",
     "use_call",
 ]

@@ -16,6 +16,7 @@ import grpc
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
 
 from tether.access_log import log_calls
 from tether.admission import admit
@@ -32,6 +33,7 @@ from tether.metrics import Metrics, MetricsEndpoint, observe_server, serve_metri
 from tether.middleware import Middleware
 from tether.recovery import recover
 from tether.registry import Instance, Registry, registry_from_config
+from tether.tracing import Tracing, trace_server
 
 __all__ = ["App", "Hook", "default_server_middleware"]
 
@@ -50,25 +52,30 @@ AddServicer = Callable[[Any, Any], None]
 
 
 def default_server_middleware(
-    config: TetherConfig, metrics: Metrics | None = None
+    config: TetherConfig, metrics: Metrics | None = None, tracing: Tracing | None = None
 ) -> list[Middleware]:
     """The server chain every tether service runs, outermost first.
 
     This literal list is the one place the order is decided: call metrics (with ``metrics``)
-    outermost, so they count the status the caller gets, INTERNAL from recovery included; the
-    access log and slow-call warning (``logging.access_log``, ``slow_call_seconds``) next, for
-    the same reason; recovery, so nothing escapes as a stack trace; the deadline check before
-    admission, so an expired call takes no slot; admission control last, around the handler.
+    outermost, so they count the status the caller gets, INTERNAL from recovery included;
+    tracing next, so the call's span and trace context cover everything inside (every log
+    line below carries its ``trace_id``); the access log and slow-call warning
+    (``logging.access_log``, ``slow_call_seconds``), which also see recovery's status;
+    recovery, so nothing escapes as a stack trace; the deadline check before admission, so an
+    expired call takes no slot; admission control last, around the handler.
 
     Args:
         config: the service's configuration.
         metrics: where :func:`~tether.metrics.observe_server` records calls; none if None.
+        tracing: the spans' pipeline (an App's ``app.tracing``); if None, the inbound trace
+            context is still bound for logs and outbound calls, and no span is recorded.
 
     Returns:
         A new list; callers may extend it.
     """
     return [
         *([] if metrics is None else [observe_server(metrics)]),
+        trace_server(tracing if tracing is not None else Tracing()),
         log_calls(config.logging),
         recover,
         enforce_deadline,
@@ -108,9 +115,9 @@ class App:
     Shutdown (SIGTERM, SIGINT, or :meth:`stop`): health NOT_SERVING, the instance deregisters
     (watchers see it leave at once), ``before_stop`` hooks, ``server.drain_seconds`` of drain so
     callers route away, new calls refused with UNAVAILABLE while in-flight ones finish within
-    ``server.grace_seconds``, ``server.stop()``, ``after_stop`` hooks, then the registry closes.
-    A second SIGINT (Ctrl-C) skips what is left of the drain and grace period; a repeated
-    SIGTERM is ignored.
+    ``server.grace_seconds``, ``server.stop()``, ``after_stop`` hooks, the registry closes, and
+    the spans still buffered are exported. A second SIGINT (Ctrl-C) skips what is left of the
+    drain and grace period; a repeated SIGTERM is ignored.
 
     Args:
         config: the service's configuration; loaded with :func:`tether.load_config` if omitted.
@@ -118,6 +125,8 @@ class App:
         registry: where to register and discover; by default the one ``registry.backend``
             names, which the app closes when it stops. A registry passed in (for example one
             :class:`~tether.registry.MemoryRegistry` shared by several apps) is left open.
+        tracing: where spans go; by default :class:`~tether.tracing.Tracing` built from the
+            ``tracing`` section, named after the service. Flushed when the app stops.
 
     With ``metrics.enabled``, :attr:`metrics` records the server chain (when ``middleware`` is
     omitted), every ``app.client()`` channel and the registration, and :meth:`start` serves
@@ -130,6 +139,7 @@ class App:
         *,
         middleware: Sequence[Middleware] | None = None,
         registry: Registry | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config if config is not None else load_config()
         self._owns_registry = registry is None
@@ -144,8 +154,19 @@ class App:
         self.instance_id = self.config.service.instance_id or _new_instance_id(
             self.config.service.name
         )
+        #: This app's tracing: its spans' pipeline and the trace context its calls carry.
+        self.tracing = (
+            tracing
+            if tracing is not None
+            else Tracing.for_service(
+                self.config.tracing,
+                service=self.config.service.name,
+                version=self.config.service.version,
+                instance_id=self.instance_id,
+            )
+        )
         self.middleware: tuple[Middleware, ...] = tuple(
-            default_server_middleware(self.config, self.metrics)
+            default_server_middleware(self.config, self.metrics, self.tracing)
             if middleware is None
             else middleware
         )
@@ -278,6 +299,7 @@ class App:
                 config=self.config.client,
                 fallbacks=self.fallbacks,
                 metrics=self.metrics,
+                tracing=self.tracing,
             )
             self._clients[service] = channel
         return channel if stub is None else stub(channel)
@@ -454,6 +476,7 @@ class App:
             if self.registry is not None and self._owns_registry:
                 await self.registry.close()
         finally:
+            await self.tracing.shutdown()  # the last spans, the shutdown's included
             if self._metrics_endpoint is not None:
                 await self._metrics_endpoint.close()
             self._stopped.set()
@@ -531,6 +554,9 @@ class App:
             cfg.logging.format,
             static={"service": cfg.service.name, "instance_id": self.instance_id},
         )
+        if self.tracing.provider is not None:
+            # The process's own spans (opentelemetry.trace.get_tracer) join this pipeline.
+            trace.set_tracer_provider(self.tracing.provider)
         try:
             asyncio.run(self.serve())
         except ConfigError as exc:

@@ -30,13 +30,14 @@ from grpc.aio import AioRpcError
 from tether.balancer import Balancer, P2CBalancer, RoundRobinBalancer
 from tether.calls import Invocation, MethodSpec, make_multicallable, method_spec, to_aio_error
 from tether.config import ClientConfig
-from tether.context import CallContext, Metadata, Side, _current
+from tether.context import CallContext, Metadata, Side, _current, detached_task
 from tether.errors import DeadlineExceeded, RemoteError, TetherError, Unavailable
 from tether.interceptors import EXEMPT_SERVICES
 from tether.log import get_logger
 from tether.middleware import Handler, Middleware, chain
 from tether.registry.base import DEFAULT_WEIGHT, Discovery, WatchClosed, Watcher
 from tether.subchannel import Subchannel
+from tether.tracing import note_peer
 
 __all__ = ["DISCOVERY_SCHEME", "Channel"]
 
@@ -377,6 +378,7 @@ class Channel(grpc.aio.Channel):
         if not self._resolved.is_set():
             await self._wait_resolved(ctx)
         sub = self._pick(inv)
+        note_peer(sub.address)
         timeout = _remaining(ctx)
         sub.in_flight += 1
         try:
@@ -405,6 +407,7 @@ class Channel(grpc.aio.Channel):
         if not self._resolved.is_set():
             await self._wait_resolved(ctx)
         sub = self._pick(inv)
+        note_peer(sub.address)
         timeout = _remaining(ctx)
         sub.in_flight += 1
         try:
@@ -436,7 +439,7 @@ class Channel(grpc.aio.Channel):
             return
         assert self._discovery is not None and self._service is not None
         self._watcher = self._discovery.watch(self._service)
-        self._follower = asyncio.get_running_loop().create_task(
+        self._follower = detached_task(
             self._follow(self._watcher), name=f"tether discovery {self._service}"
         )
 
@@ -486,9 +489,8 @@ class Channel(grpc.aio.Channel):
         self._endpoints = tuple(members.values())
         if self._on_members is not None:
             self._on_members(len(members))
-        loop = asyncio.get_running_loop()
         for sub in gone:
-            task = loop.create_task(sub.retire(), name=f"tether retire {sub.address}")
+            task = detached_task(sub.retire(), name=f"tether retire {sub.address}")
             self._retiring[sub] = task
             task.add_done_callback(lambda _, sub=sub: self._retiring.pop(sub, None))  # type: ignore[misc]
         self._resolved.set()

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
 
-from tether.breaker import breaker
+from tether.breaker import BreakerListener, breaker
 from tether.channel import DISCOVERY_SCHEME, Channel
 from tether.config import ClientConfig
 from tether.deadline import bound_deadline
-from tether.fallback import Fallbacks, fallback
+from tether.fallback import FallbackListener, Fallbacks, fallback
 from tether.limiter import rate_limit
 from tether.metrics import Metrics, observe_client
 from tether.middleware import Middleware
 from tether.registry.base import Discovery
-from tether.retry import retry
+from tether.retry import RetryHook, retry
+from tether.tracing import SpanEvents, Tracing, trace_client
 
 __all__ = ["default_client_middleware", "dial"]
 
@@ -30,13 +31,16 @@ def default_client_middleware(
     service: str | None = None,
     fallbacks: Fallbacks | None = None,
     metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
 ) -> list[Middleware]:
     """The client chain every outbound call runs, outermost first.
 
     This literal list is the one place the order is decided. With ``metrics``,
     ``observe_client`` comes first, so it counts and times each call as its caller sees it
-    (retries included, a fallback's answer as OK), and the steps below report to ``metrics``
-    through their listeners and hooks:
+    (retries included, a fallback's answer as OK). ``trace_client`` comes next: one CLIENT
+    span per call, whose context goes out in the call's metadata (with tracing off, the
+    current context still goes out). The steps below report to ``metrics`` through their
+    listeners and hooks, and put events on the span (:class:`~tether.tracing.SpanEvents`):
 
     1. ``bound_deadline``: every call gets a deadline (per-method default; never beyond the
        inbound call's, minus a margin); a spent one is refused before anything else runs.
@@ -56,6 +60,7 @@ def default_client_middleware(
             proto apply either way.
         metrics: where to record calls, breaker changes, limiter refusals, retries and
             fallbacks of this dependency; no metrics if None.
+        tracing: the spans' pipeline (an App's ``app.tracing``); propagation only if None.
 
     Returns:
         A new list; callers may extend it.
@@ -63,28 +68,54 @@ def default_client_middleware(
     policies = config.resolver(service)
     name = service or _FIXED_ADDRESS
     m = metrics
+    traced = tracing if tracing is not None else Tracing()
+    on_breaker: list[BreakerListener] = []
+    on_fallback: list[FallbackListener] = []
+    on_reject: list[Callable[[], None]] = []
+    on_retry: list[RetryHook] = []
+    if traced.enabled:
+        on_breaker.append(SpanEvents.breaker)
+        on_fallback.append(SpanEvents.fallback)
+        on_reject.append(SpanEvents.rejected)
+        on_retry.append(SpanEvents.retried)
+    if m is not None:
+        on_breaker.append(m.observe_breaker)
+        on_fallback.append(m.observe_fallback)
+        on_reject.append(m.rejection_counter(name))
+        on_retry.append(m.retry_counter(name))
     return [
         *([] if m is None else [observe_client(m, target=name)]),
+        trace_client(traced, target=service),
         bound_deadline(policies, margin=config.deadline_margin_seconds),
         fallback(
             policies,
             fallbacks or Fallbacks(),
             service=name,
-            listeners=() if m is None else [m.observe_fallback],
+            listeners=on_fallback,
         ),
-        breaker(policies, service=name, listeners=() if m is None else [m.observe_breaker]),
-        rate_limit(
-            policies.limiter,
-            service=name,
-            on_reject=None if m is None else m.rejection_counter(name),
-        ),
+        breaker(policies, service=name, listeners=on_breaker),
+        rate_limit(policies.limiter, service=name, on_reject=_all(on_reject)),
         retry(
             config.retry,
             policies=policies,
             idempotent_methods=config.idempotent_methods,
-            on_retry=None if m is None else m.retry_counter(name),
+            on_retry=_all(on_retry),
         ),
     ]
+
+
+def _all(hooks: Sequence[Callable[..., None]]) -> Callable[..., None] | None:
+    """One hook calling each of ``hooks`` in order; None when there are none."""
+    if not hooks:
+        return None
+    if len(hooks) == 1:
+        return hooks[0]
+
+    def every(*args: Any) -> None:
+        for hook in hooks:
+            hook(*args)
+
+    return every
 
 
 def dial(
@@ -98,6 +129,7 @@ def dial(
     credentials: grpc.ChannelCredentials | None = None,
     fallbacks: Fallbacks | None = None,
     metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
 ) -> Channel:
     """Open a governed channel; its calls run the client chain, then go to a balanced instance.
 
@@ -116,6 +148,8 @@ def dial(
         metrics: records the default chain's calls and governance (see
             :func:`default_client_middleware`) and the instances known, under the dependency's
             name; no metrics if None.
+        tracing: the default chain's spans (an App's ``app.tracing``); if None, calls carry
+            the current trace context but record no spans.
 
     Returns:
         A :class:`~tether.channel.Channel`, usable wherever generated stubs take a
@@ -128,7 +162,7 @@ def dial(
     if service is None and target.startswith(DISCOVERY_SCHEME):
         service = target[len(DISCOVERY_SCHEME) :]
     chain = (
-        default_client_middleware(cfg, service, fallbacks, metrics)
+        default_client_middleware(cfg, service, fallbacks, metrics, tracing)
         if middleware is None
         else middleware
     )

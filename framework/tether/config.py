@@ -347,16 +347,28 @@ class TracingConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    enabled: bool = Field(default=False, description="Export traces.")
+    enabled: bool = Field(
+        default=False,
+        description="Record and export spans; when false the trace context still passes through.",
+    )
     sample_ratio: float = Field(
-        default=0.1, ge=0, le=1, description="Share of new traces sampled, from 0 to 1."
+        default=1.0,
+        ge=0,
+        le=1,
+        description="Share of new traces sampled, from 0 to 1; calls with a parent follow it.",
     )
     endpoint: str = Field(
-        default="http://127.0.0.1:4317", description="OTLP gRPC collector URL (http or https)."
+        default="http://127.0.0.1:4317",
+        description="OTLP gRPC collector URL: http:// plaintext, https:// TLS.",
     )
-    insecure: bool = Field(default=True, description="Talk to the collector without TLS.")
     headers: dict[str, SecretStr] = Field(
         default_factory=dict, description="Headers sent to the collector, e.g. auth tokens."
+    )
+    timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="Deadline of each export, and the longest shutdown waits for the last spans.",
     )
 
     @field_validator("endpoint")

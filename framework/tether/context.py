@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import enum
 import functools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 __all__ = [
     "CallContext",
@@ -17,6 +20,7 @@ __all__ = [
     "MethodName",
     "Side",
     "current_call",
+    "detached_task",
     "use_call",
 ]
 
@@ -137,3 +141,16 @@ def use_call(ctx: CallContext) -> Iterator[CallContext]:
         yield ctx
     finally:
         _current.reset(token)
+
+
+_T = TypeVar("_T")
+
+
+def detached_task(coro: Coroutine[Any, Any, _T], *, name: str) -> asyncio.Task[_T]:
+    """Start a background task in an empty context: no call, no trace, no bound log fields.
+
+    Framework loops (discovery, connections, registration) may be started lazily by the first
+    call that needs them; a plain ``create_task`` would copy that call's context, and every
+    line the loop logs afterwards would claim to belong to that call.
+    """
+    return asyncio.get_running_loop().create_task(coro, name=name, context=contextvars.Context())

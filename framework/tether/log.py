@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 import orjson
 import structlog
+from opentelemetry.trace import get_current_span
 
 from tether.context import current_call
 
@@ -88,11 +89,21 @@ def redact_sensitive(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> M
 
 
 def add_call_context(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mapping[str, Any]:
-    """Processor: add the current call's method and side, so no handler has to."""
+    """Processor: add the current trace and call, so no handler has to.
+
+    ``trace_id`` and ``span_id`` come from the OpenTelemetry context (the served call's span,
+    or the outbound call's inside a client chain, or a span of your own); ``method``
+    (``package.Service/Method``) and ``side`` (``server`` or ``client``) from the call in
+    scope. Fields the line already has are kept.
+    """
+    span_context = get_current_span().get_span_context()
+    if span_context.is_valid:
+        event_dict.setdefault("trace_id", format(span_context.trace_id, "032x"))
+        event_dict.setdefault("span_id", format(span_context.span_id, "016x"))
     call = current_call()
     if call is not None:
-        event_dict.setdefault("rpc_method", call.method.full)
-        event_dict.setdefault("rpc_side", call.side.value)
+        event_dict.setdefault("method", call.method.path)
+        event_dict.setdefault("side", call.side.value)
     return event_dict
 
 

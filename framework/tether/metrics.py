@@ -255,14 +255,14 @@ class Metrics:
         """
         return self.limiter_rejections.labels(target).inc
 
-    def retry_counter(self, target: str) -> Callable[[MethodName], None]:
+    def retry_counter(self, target: str) -> Callable[[MethodName, int, str], None]:
         """The retry hook of ``target`` (``retry(..., on_retry=...)``).
 
         Returns:
             A callable counting one retry of the method it is given.
         """
 
-        def count(method: MethodName) -> None:
+        def count(method: MethodName, attempt: int, code: str) -> None:
             self.retries.labels(target, self.method_labels(method)[1]).inc()
 
         return count

@@ -40,12 +40,16 @@ __all__ = [
     "PREVIOUS_ATTEMPTS_KEY",
     "PUSHBACK_KEY",
     "IdempotencyClassifier",
+    "RetryHook",
     "RetryThrottler",
     "backoff_delay",
     "declared_idempotent",
     "retry",
     "server_pushback",
 ]
+
+#: Told of each retry: ``(method, attempt number about to start, code name that failed)``.
+RetryHook = Callable[[MethodName, int, str], None]
 
 #: Trailer by which a server asks for a delay before the retry, or (negative) for none at all.
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
@@ -203,7 +207,7 @@ def retry(
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     rand: Callable[[], float] = random.random,
     clock: Callable[[], float] = time.monotonic,
-    on_retry: Callable[[MethodName], None] | None = None,
+    on_retry: RetryHook | None = None,
 ) -> Middleware:
     """Build the retry middleware (see the module docstring for when a call is retried).
 
@@ -217,8 +221,10 @@ def retry(
         sleep: waits out a backoff; injectable for tests.
         rand: a uniform draw from [0, 1) for the jitter; injectable for tests.
         clock: ``time.monotonic`` or a fake, the clock call deadlines are measured on.
-        on_retry: called with the method each time an attempt after the first is about to
-            be sent (metrics); must not raise or block.
+        on_retry: called as ``on_retry(method, attempt, code)`` each time an attempt after
+            the first is about to be sent: its number (2 for the first retry) and the status
+            code name of the attempt that failed (metrics, span events); must not raise or
+            block.
 
     Returns:
         A client middleware; put it inside the deadline, breaker and limiter, right outside
@@ -286,7 +292,7 @@ def retry(
                     attempt_ctx = ctx.with_metadata([(PREVIOUS_ATTEMPTS_KEY, str(attempt))])
                     attempt += 1
                     if on_retry is not None:
-                        on_retry(ctx.method)
+                        on_retry(ctx.method, attempt, err.code.name)
                     continue
                 bucket.record_success()
                 return response

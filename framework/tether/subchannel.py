@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from tether.calls import MethodSpec
+from tether.context import detached_task
 from tether.log import get_logger
 from tether.registry.base import DEFAULT_WEIGHT
 
@@ -82,9 +83,7 @@ class Subchannel:
         self._callables: dict[MethodSpec, Any] = {}
         self._idle: asyncio.Event | None = None
         self._closed = False
-        self._follower = asyncio.get_running_loop().create_task(
-            self._follow(), name=f"tether subchannel {address}"
-        )
+        self._follower = detached_task(self._follow(), name=f"tether subchannel {address}")
 
     @property
     def state(self) -> grpc.ChannelConnectivity:

@@ -147,14 +147,20 @@ async def test_repeated_sigterm_does_not_skip_the_drain(service: ServiceProcess)
 
 
 async def test_log_lines_carry_service_and_call_context(service: ServiceProcess) -> None:
-    """Lines written while serving carry the service, instance and method without the handler."""
+    """Lines written while serving carry the service, instance, method and trace without the
+    handler, tracing off: the caller's trace id comes through."""
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    traceparent = f"00-{trace_id}-00f067aa0ba902b7-01"
     async with tether.dial(service.target) as channel:
-        await echo_pb2_grpc.EchoStub(channel).Say(echo_pb2.SayRequest(text="hello"))
+        await echo_pb2_grpc.EchoStub(channel).Say(
+            echo_pb2.SayRequest(text="hello"), metadata=(("traceparent", traceparent),)
+        )
     line = await service.wait_for_log("say")
     assert line["service"] == "echo"
     assert line["instance_id"].startswith("echo-")
-    assert line["rpc_method"] == "/echo.v1.Echo/Say"
-    assert line["rpc_side"] == "server"
+    assert line["method"] == "echo.v1.Echo/Say"
+    assert line["side"] == "server"
+    assert line["trace_id"] == trace_id
     service.proc.send_signal(signal.SIGTERM)
     async with asyncio.timeout(WAIT):
         assert await service.proc.wait() == 0

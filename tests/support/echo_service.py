@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 from echo.v1 import echo_pb2, echo_pb2_grpc
+from opentelemetry import trace
 
 import tether
 from tether import current_call, get_logger
 from tether.registry import Registry
+from tether.tracing import Tracing
 
 log = get_logger("echo")
+
+# Metadata the servicer reports back (besides x-*), for propagation tests.
+_PROPAGATED = ("grpc-previous-rpc-attempts", "traceparent", "tracestate", "baggage")
 
 
 class BoomError(Exception):
@@ -31,8 +37,11 @@ def _seen() -> dict[str, str]:
         "deadline": "yes" if call.deadline is not None else "no",
     }
     for key, value in call.metadata:
-        if key.startswith("x-") or key == "grpc-previous-rpc-attempts":
+        if key.startswith("x-") or key in _PROPAGATED:
             seen[key] = value if isinstance(value, str) else value.hex()
+    span = trace.get_current_span().get_span_context()
+    if span.is_valid:
+        seen["trace_id"] = format(span.trace_id, "032x")
     return seen
 
 
@@ -55,6 +64,8 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):
 
     def __init__(self, label: str = "") -> None:
         self.label = label
+        #: The app serving this servicer: "via:" requests call onwards through its clients.
+        self.app: tether.App | None = None
         self.release = asyncio.Event()
         self.holding = 0  # Hold calls waiting for the release right now
         self.says = 0  # Say calls whose handler ran
@@ -71,8 +82,34 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):
         if self.label and fail == f"unavailable:{self.label}":
             raise tether.Unavailable(f"instance {self.label} is unavailable")
 
+    async def _relay(self, request: Any) -> Any:
+        """``fail="via:b,c"``: call service b (which calls c) through this app's client, and log
+        from the handler, a task it starts, and two threads (helper and bound target)."""
+        assert self.app is not None, "relaying needs build_app()"
+        hops = request.fail.removeprefix("via:").split(",")
+        onward = ",".join(hops[1:])
+        log.info("relaying", to=hops[0])
+
+        async def in_task() -> None:
+            log.info("relay task")
+
+        await asyncio.create_task(in_task())
+        await tether.to_thread(log.info, "relay thread")
+        worker = threading.Thread(target=tether.in_context(log.info), args=("relay bound thread",))
+        worker.start()
+        await tether.to_thread(worker.join)
+        stub = echo_pb2_grpc.EchoStub(self.app.client(hops[0]))
+        reply = await stub.Say(
+            echo_pb2.SayRequest(text=request.text, fail=f"via:{onward}" if onward else "")
+        )
+        seen = self._seen()
+        seen.update({f"{hops[0]}.{k}": v for k, v in reply.seen.items()})
+        return echo_pb2.SayReply(text=reply.text, seen=seen)
+
     async def Say(self, request: Any, context: Any) -> Any:  # noqa: N802
         self.says += 1
+        if request.fail.startswith("via:"):
+            return await self._relay(request)
         _maybe_fail(request.fail)
         if request.fail.startswith("slow:"):
             # "slow:<seconds>": a handler that takes that long, unless it is cancelled first.
@@ -122,13 +159,15 @@ def build_app(
     config: tether.TetherConfig | None = None,
     servicer: EchoServicer | None = None,
     registry: Registry | None = None,
+    tracing: Tracing | None = None,
 ) -> tether.App:
     """An App serving Echo (``servicer``, or one labelled with the instance id).
 
     SIGUSR1 releases every held call.
     """
-    app = tether.App(config, registry=registry)
+    app = tether.App(config, registry=registry, tracing=tracing)
     servicer = servicer or EchoServicer(label=app.instance_id)
+    servicer.app = app
     app.add_servicer(echo_pb2_grpc.add_EchoServicer_to_server, servicer)
 
     @app.after_start

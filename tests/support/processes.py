@@ -36,8 +36,12 @@ class EchoProcess:
         ttl_seconds: int = 2,
         drain_seconds: float = 0.2,
         service: str = "echo",
+        tracing_endpoint: str | None = None,
     ) -> EchoProcess:
-        """Start one instance and return once it logged "serving" (and "registered" with etcd)."""
+        """Start one instance and return once it logged "serving" (and "registered" with etcd).
+
+        With ``tracing_endpoint``, tracing is on and exports there (OTLP gRPC).
+        """
         directory.mkdir(parents=True, exist_ok=True)
         registry = (
             f"registry: {{backend: etcd, endpoints: {json.dumps(list(etcd_endpoints))}, "
@@ -53,6 +57,11 @@ class EchoProcess:
             f"{registry}"
             "metrics: {enabled: false}\n"
             "logging: {format: json}\n"
+            + (
+                f"tracing: {{enabled: true, endpoint: '{tracing_endpoint}'}}\n"
+                if tracing_endpoint
+                else ""
+            )
         )
         log_path = directory / f"{instance_id}.log"
         with log_path.open("wb") as log:

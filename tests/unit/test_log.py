@@ -41,19 +41,19 @@ def test_json_line_carries_service_instance_and_call() -> None:
     assert line["order"] == 7
     assert line["service"] == "orders"
     assert line["instance_id"] == "i-1"
-    assert line["rpc_method"] == "/shop.v1.Orders/Place"
-    assert line["rpc_side"] == "server"
+    assert line["method"] == "shop.v1.Orders/Place"
+    assert line["side"] == "server"
     assert line["logger_name"] == "orders"
     assert line["level"] == "info"
     assert "timestamp" in line
 
 
 def test_line_outside_a_call_has_no_call_fields() -> None:
-    """Outside any call, no rpc_* fields are invented."""
+    """Outside any call and span, no call or trace fields are invented."""
     stream = _configure()
     get_logger().info("boot")
     [line] = _json_lines(stream)
-    assert "rpc_method" not in line
+    assert not {"method", "side", "trace_id", "span_id"} & set(line)
     assert line["service"] == "orders"
 
 
@@ -69,7 +69,7 @@ async def test_call_fields_follow_tasks_and_threads() -> None:
         await asyncio.create_task(in_task())
         await asyncio.to_thread(log.info, "from thread")
     lines = _json_lines(stream)
-    assert [line["rpc_method"] for line in lines] == ["/shop.v1.Orders/Place"] * 2
+    assert [line["method"] for line in lines] == ["shop.v1.Orders/Place"] * 2
 
 
 def test_levels_below_configured_are_dropped() -> None:
@@ -101,6 +101,6 @@ def test_console_format_is_readable_text() -> None:
         get_logger().info("placed")
     text = stream.getvalue()
     assert "placed" in text
-    assert "rpc_method=/shop.v1.Orders/Place" in text
+    assert "method=shop.v1.Orders/Place" in text
     with pytest.raises(json.JSONDecodeError):
         json.loads(text)

@@ -30,6 +30,7 @@ PUBLIC = [
     "StatusError",
     "TetherConfig",
     "TetherError",
+    "Tracing",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
@@ -41,8 +42,10 @@ PUBLIC = [
     "default_server_middleware",
     "dial",
     "get_logger",
+    "in_context",
     "load_config",
     "recover",
+    "to_thread",
     "use_call",
 ]
 
@@ -51,6 +54,8 @@ TESTING = [
     "EtcdNotFound",
     "EtcdServer",
     "EtcdStartError",
+    "OtlpSink",
+    "ReceivedSpan",
     "TcpProxy",
     "eventually",
     "find_etcd_binary",

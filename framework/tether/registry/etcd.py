@@ -14,6 +14,7 @@ from etcd3 import etcdrpc
 from etcd3.etcdrpc import kv_pb2
 
 from tether.config import RegistryConfig
+from tether.context import detached_task
 from tether.errors import RegistryUnavailable
 from tether.log import get_logger
 from tether.registry.base import Instance, InstanceWatch, Watcher, sorted_instances
@@ -257,9 +258,7 @@ class _Registration:
         )
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"tether-register-{self.instance.id}"
-        )
+        self._task = detached_task(self._run(), name=f"tether-register-{self.instance.id}")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -420,7 +419,7 @@ class _PrefixFollower:
         self._state = _StateLog(prefix=prefix.decode(errors="replace"))
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="tether-discovery")
+        self._task = detached_task(self._run(), name="tether-discovery")
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -1,7 +1,7 @@
 """The public test kit: real etcd servers and clusters, a fault-injecting proxy, local Apps.
 
 Installed as a pytest plugin (fixtures ``etcd``, ``etcd_session``, ``etcd_cluster``,
-``etcd_client``); the helpers here work with any test runner.
+``etcd_client``, ``otlp_sink``); the helpers here work with any test runner.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from tether.testing.apps import loopback_config, running
 from tether.testing.etcd import EtcdNotFound, EtcdServer, EtcdStartError, find_etcd_binary
 from tether.testing.etcd_cluster import EtcdCluster
+from tether.testing.otel import OtlpSink, ReceivedSpan
 from tether.testing.proxy import TcpProxy
 from tether.testing.waiting import eventually
 
@@ -17,6 +18,8 @@ __all__ = [
     "EtcdNotFound",
     "EtcdServer",
     "EtcdStartError",
+    "OtlpSink",
+    "ReceivedSpan",
     "TcpProxy",
     "eventually",
     "find_etcd_binary",

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 from tether.testing.etcd import EtcdNotFound, EtcdServer
 from tether.testing.etcd_cluster import EtcdCluster
+from tether.testing.otel import OtlpSink
 
 if TYPE_CHECKING:
     import etcd3
@@ -67,3 +69,11 @@ def etcd_client(etcd: EtcdServer) -> Iterator[etcd3.Etcd3Client]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture
+def otlp_sink(tmp_path: Path) -> Iterator[OtlpSink]:
+    """A real OTLP/gRPC trace receiver on 127.0.0.1 keeping every span, also written as JSON
+    lines to ``tmp_path / "spans.jsonl"``; stopped after the test."""
+    with OtlpSink(tmp_path / "spans.jsonl") as sink:
+        yield sink
