@@ -22,11 +22,13 @@ sampled), so every log line of a call still carries a ``trace_id``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import functools
 import logging
 import random
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
@@ -450,7 +452,9 @@ def _code_of(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-def _end(span: Span, exc: BaseException | None, *, server: bool) -> None:
+def _end(
+    span: Span, exc: BaseException | None, *, server: bool, end_time: int | None = None
+) -> None:
     if not span.is_recording():
         return
     code = grpc.StatusCode.OK if exc is None else _code_of(exc)
@@ -458,7 +462,22 @@ def _end(span: Span, exc: BaseException | None, *, server: bool) -> None:
     if code is not grpc.StatusCode.OK and (not server or code in _SERVER_ERRORS):
         message = exc.message if isinstance(exc, StatusError) else type(exc).__name__
         span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message[:256]}"))
-    span.end()
+    span.end(end_time=end_time)
+
+
+# Spans of streams dropped unread, with when they were dropped. A finalizer must not end a span
+# itself: the span processor takes locks the collected thread may be holding. A deque append is
+# safe anywhere; the next traced call ends them, at the time recorded.
+_abandoned: collections.deque[tuple[Span, bool, int]] = collections.deque()
+
+
+def _end_abandoned() -> None:
+    while _abandoned:
+        try:
+            span, server, at = _abandoned.popleft()
+        except IndexError:  # another thread took the last one
+            return
+        _end(span, asyncio.CancelledError(), server=server, end_time=at)
 
 
 class _TracedStream:
@@ -501,7 +520,9 @@ class _TracedStream:
             _end(span, exc, server=self._server)
 
     def __del__(self) -> None:
-        self._finish(asyncio.CancelledError())  # abandoned before its end
+        span, self._span = self._span, None
+        if span is not None and span.is_recording():  # abandoned before its end: CANCELLED
+            _abandoned.append((span, self._server, time.time_ns()))
 
 
 def trace_server(tracing: Tracing) -> Middleware:
@@ -525,6 +546,8 @@ def trace_server(tracing: Tracing) -> Middleware:
             call = current_call()
             if call is None:
                 return await handler(request)
+            if _abandoned:
+                _end_abandoned()
             span, ctx = tracing.server_context(call)
             token = otel_context.attach(ctx)
             try:
@@ -565,6 +588,8 @@ def trace_client(tracing: Tracing, *, target: str | None = None) -> Middleware:
             call = current_call()
             if call is None:
                 return await handler(request)
+            if _abandoned:
+                _end_abandoned()
             span, ctx = tracing.client_context(call, target)
             pairs = propagation.inject(ctx)
             if not pairs:

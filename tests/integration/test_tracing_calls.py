@@ -6,6 +6,7 @@ reads them as soon as its call returns. The OTLP wire path is covered by test_tr
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 from collections.abc import AsyncIterator, Sequence
@@ -345,3 +346,26 @@ async def test_authorization_value_reaches_no_span_and_no_log_line(
     lines = stream.getvalue()
     assert "handler raised" in lines  # the crash was logged, with its call's context
     assert "s3cr3t" not in lines
+
+
+async def test_a_stream_dropped_unread_ends_its_span_as_cancelled(
+    echo: tether.App, exporter: InMemorySpanExporter
+) -> None:
+    """A response stream abandoned after its first message still ends its client span: as
+    CANCELLED, by the next traced call (a finalizer must not take the exporter's locks)."""
+    caller = memory_tracing(exporter, "caller")
+    async with tether.dial(echo.target, tracing=caller) as channel:
+        stub = echo_pb2_grpc.EchoStub(channel)
+        stream = aiter(stub.Split(echo_pb2.SayRequest(text="a b c")))
+        assert (await anext(stream)).text == "a"
+        del stream
+        gc.collect()
+        await stub.Say(echo_pb2.SayRequest(text="next"))
+    clients = {
+        span.name: dict(span.attributes or {})
+        for span in _by_kind(exporter.get_finished_spans(), trace.SpanKind.CLIENT)
+    }
+    assert (
+        clients["echo.v1.Echo/Split"]["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+    )
+    assert clients["echo.v1.Echo/Say"]["rpc.grpc.status_code"] == 0

@@ -194,7 +194,7 @@ def test_several_bad_values_reported_together(tmp_path: Path) -> None:
 service: {name: a}
 server: {port: 70000, drain_seconds: -1, reflection: maybe, max_message_bytes: x}
 client: {timeout_seconds: 0}
-tracing: {sample_ratio: 1.5}
+tracing: {sample_ratio: 1.5, timeout_seconds: 0, endpoint: "127.0.0.1:4317"}
 """,
     )
     assert sorted(problem_lines(refused(path))) == [
@@ -203,7 +203,9 @@ tracing: {sample_ratio: 1.5}
         "server.max_message_bytes='x': must be an integer",
         "server.port=70000: must be <= 65535",
         "server.reflection='maybe': must be true or false",
+        "tracing.endpoint='127.0.0.1:4317': must start with http:// or https://",
         "tracing.sample_ratio=1.5: must be <= 1",
+        "tracing.timeout_seconds=0: must be > 0",
     ]
 
 
