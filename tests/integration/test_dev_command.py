@@ -16,22 +16,49 @@ pytestmark = pytest.mark.slow
 
 WAIT = 30.0  # etcd start-up on a loaded machine; a healthy one needs about a second
 
-# A child that says where it was pointed, then waits for SIGTERM and exits 0 on it.
-CHILD = (
-    "import os, signal, sys, time\n"
-    "signal.signal(signal.SIGTERM, lambda *_: (print('terminated', flush=True), sys.exit(0)))\n"
-    "print('child sees', os.environ['TETHER_REGISTRY__ENDPOINTS'], flush=True)\n"
-    "time.sleep(60)\n"
-)
+# A child that says where it was pointed, then waits for SIGTERM or SIGINT; on the first, it
+# checks that etcd still answers (a service deregisters then) and exits 0.
+CHILD = """
+import os, signal, sys, time, urllib.request
+endpoint = os.environ["TETHER_REGISTRY__ENDPOINTS"]
+def stop(signum, _):
+    try:
+        with urllib.request.urlopen(f"http://{endpoint}/health", timeout=2) as response:
+            state = "etcd up" if response.status == 200 else "etcd unhealthy"
+    except OSError:
+        state = "etcd gone"
+    print("terminated", signal.Signals(signum).name, state, flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+print("child sees", endpoint, flush=True)
+time.sleep(60)
+"""
 
 
 def _dev(*args: str) -> subprocess.Popen[str]:
+    # A session of its own, as a shell gives a foreground job: the test can signal the group.
     return subprocess.Popen(
         [sys.executable, "-m", "tether.cli", "dev", "--port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
+
+
+def _finish(proc: subprocess.Popen[str]) -> str:
+    """Wait for ``proc`` to end; if it does not, stop it (and so its etcd) and fail."""
+    try:
+        out, _ = proc.communicate(timeout=WAIT)
+        return out
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # tether dev stops its command and etcd on SIGTERM
+        try:
+            proc.communicate(timeout=WAIT)
+        finally:
+            proc.kill()
+        raise AssertionError(f"tether dev did not exit within {WAIT:g} s") from None
 
 
 def _read_until(proc: subprocess.Popen[str], needle: str) -> list[str]:
@@ -66,19 +93,25 @@ def _etcd_answers(endpoint: str) -> bool:
         return False
 
 
-def test_runs_a_command_pointed_at_etcd_and_stops_both_on_ctrl_c() -> None:
+@pytest.mark.parametrize("group", [False, True], ids=["tether-dev-only", "whole-group"])
+def test_runs_a_command_pointed_at_etcd_and_stops_both_on_ctrl_c(group: bool) -> None:
+    """Ctrl-C stops the command while etcd still answers (so a service can deregister), then
+    etcd; also when, as in a terminal, the whole process group gets the SIGINT."""
     proc = _dev("--", sys.executable, "-c", CHILD)
     try:
         lines = _read_until(proc, "child sees")
         endpoint = _endpoint(lines)
         assert lines[-1] == f"child sees {endpoint}"
         assert _etcd_answers(endpoint)
-        os.kill(proc.pid, signal.SIGINT)  # Ctrl-C: the child is stopped gracefully, then etcd
-        out, _ = proc.communicate(timeout=WAIT)
+        if group:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGINT)
+        out = _finish(proc)
     finally:
         proc.kill()
     assert proc.returncode == 0, out
-    assert "terminated" in out
+    assert "etcd up" in out and "etcd gone" not in out, out
     assert "etcd stopped" in out
     assert not _etcd_answers(endpoint)
 
@@ -86,7 +119,7 @@ def test_runs_a_command_pointed_at_etcd_and_stops_both_on_ctrl_c() -> None:
 def test_the_commands_exit_status_is_returned() -> None:
     proc = _dev("--", sys.executable, "-c", "raise SystemExit(3)")
     try:
-        out, _ = proc.communicate(timeout=WAIT)
+        out = _finish(proc)
     finally:
         proc.kill()
     assert proc.returncode == 3, out
@@ -100,8 +133,8 @@ def test_without_a_command_it_serves_until_ctrl_c() -> None:
         endpoint = _endpoint(lines)
         assert any(f"TETHER_REGISTRY__ENDPOINTS={endpoint}" in line for line in lines)
         assert _etcd_answers(endpoint)
-        os.kill(proc.pid, signal.SIGINT)
-        out, _ = proc.communicate(timeout=WAIT)
+        os.killpg(proc.pid, signal.SIGINT)
+        out = _finish(proc)
     finally:
         proc.kill()
     assert proc.returncode == 0, out

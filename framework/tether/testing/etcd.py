@@ -275,6 +275,7 @@ class EtcdServer(Managed):
         initial_cluster: Mapping[str, str] | None = None,
         cluster_token: str | None = None,
         extra_args: Sequence[str] = (),
+        new_session: bool = False,
     ) -> None:
         """Prepare a server; nothing runs until ``start()``.
 
@@ -295,6 +296,9 @@ class EtcdServer(Managed):
             extra_args: flags appended to etcd's command line; a flag given again overrides
                 tether's (etcd keeps the last), e.g. an extra ``https://`` client URL for TLS
                 tests. The health check keeps using the plain client port.
+            new_session: run etcd in a session of its own, so a terminal's Ctrl-C reaches only
+                this process, which then stops etcd after whatever still needs it (``tether
+                dev`` stops the service first, so it can deregister).
 
         Raises:
             EtcdNotFound: no binary was given and none was found.
@@ -316,6 +320,7 @@ class EtcdServer(Managed):
         self._initial_cluster = dict(initial_cluster) if initial_cluster is not None else None
         self._cluster_token = cluster_token
         self._extra_args = tuple(extra_args)
+        self._new_session = new_session
         self._binary = binary if binary is not None else find_etcd_binary()
         self._name = name
         self._startup_timeout = startup_timeout
@@ -546,7 +551,11 @@ class EtcdServer(Managed):
         try:
             with self._log_path.open("ab") as log:
                 self._owned.process = subprocess.Popen(
-                    command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=self._new_session,
                 )
         except OSError as exc:
             error = EtcdStartError(f"cannot run etcd: {exc}\n  command: {shlex.join(command)}")
