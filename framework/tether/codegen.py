@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["PROTO_DIR", "ProtoCompileError", "compile_protos"]
+__all__ = ["PROTO_DIR", "ProtoCompileError", "compile_if_stale", "compile_protos"]
 
 #: tether's own protos (``tether/v1/options.proto``), shipped inside the package. Their
 #: generated modules ship too (``tether.v1.options_pb2``), so user code never generates them.
@@ -89,6 +89,32 @@ def compile_protos(
             (d / "__init__.py").touch(exist_ok=True)
             d = d.parent
     return sorted(generated)
+
+
+def compile_if_stale(proto_path: str | os.PathLike[str], out: str | os.PathLike[str]) -> list[Path]:
+    """Compile every ``.proto`` under ``proto_path`` into ``out`` unless all outputs are newer.
+
+    For a test suite's ``conftest.py`` (``pytest_configure``), so a bare ``pytest`` works after
+    a ``.proto`` was edited, without running ``tether proto`` first.
+
+    Returns:
+        The files written; empty when everything was up to date.
+
+    Raises:
+        ProtoCompileError: as :func:`compile_protos`.
+    """
+    root, target = Path(proto_path), Path(out)
+    sources = sorted(root.rglob("*.proto"))
+    for source in sources:
+        stem = source.relative_to(root).with_suffix("")
+        if _is_own(stem):
+            continue
+        newest = source.stat().st_mtime_ns
+        for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
+            output = target / f"{stem}{suffix}"
+            if not output.exists() or output.stat().st_mtime_ns < newest:
+                return compile_protos(sources, target, proto_path=root)
+    return []
 
 
 def _is_own(stem: Path) -> bool:

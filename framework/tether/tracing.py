@@ -7,7 +7,8 @@ enters the SDK. Two middlewares use it: :func:`trace_server` (one SERVER span pe
 its parent read from ``traceparent``/``tracestate``/``baggage``) and :func:`trace_client` (one
 CLIENT span per outbound call, retries included, its context written into the call's
 metadata). Breaker transitions, limiter refusals, retries and fallbacks are events on the
-client span (:class:`SpanEvents`).
+client span (:class:`SpanEvents`). HTTP edges get the same contract from
+:class:`tether.asgi.TraceMiddleware`, which starts its spans with :meth:`Tracing.start_server_span`.
 
 Why not ``opentelemetry-instrumentation-grpc``: its aio interceptors cut a bare server to about
 half its throughput here (``docs/observability.md`` has the figures). These middlewares make
@@ -54,6 +55,7 @@ from opentelemetry.trace import (
     TraceFlags,
     TraceState,
 )
+from opentelemetry.util.types import AttributeValue
 
 from tether.breaker import BreakerEvent
 from tether.config import TracingConfig
@@ -348,9 +350,29 @@ class Tracing:
             sc = SpanContext(_new_id(128), _new_id(64), False, _RANDOM_UNSAMPLED)
         return NonRecordingSpan(sc)
 
-    def server_context(self, call: CallContext) -> tuple[Span, Context]:
-        """Start the span of an inbound call; returns it and the context to run the call in."""
-        parent_ctx = self.propagation.extract(call.metadata)
+    def start_server_span(
+        self,
+        name: str,
+        parent_ctx: Context,
+        attributes: Callable[[], Mapping[str, AttributeValue]],
+    ) -> tuple[Span, Context]:
+        """Start the SERVER span of an inbound request, gRPC or HTTP, under what the caller sent.
+
+        The one place a served request's sampling is decided: a valid parent decides (sampled
+        or not), a new trace is sampled at ``sample_ratio``; an unsampled request gets ids but
+        no SDK span. With tracing off an inbound context is passed through as it is (the next
+        hop's parent is the caller's span), and a request without one gets fresh unsampled ids.
+
+        Args:
+            name: the span's name (``package.Service/Method``, ``GET /users/{id}``).
+            parent_ctx: the context extracted from the request (``propagation.extract``).
+            attributes: builds the span's attributes; called only when the span is recorded,
+                so an unsampled request costs no attribute work.
+
+        Returns:
+            The span (not recording unless sampled; end it when the request ends) and the
+            context to run the request in.
+        """
         parent = trace.get_current_span(parent_ctx).get_span_context()
         span: Span
         if not self.enabled:
@@ -358,20 +380,27 @@ class Tracing:
                 return trace.INVALID_SPAN, parent_ctx  # pass the caller's context through
             span = self._unsampled(parent)
         elif self._sampled(parent):
-            attributes = self._server_attributes.get(call.method.full)
-            if attributes is None:
-                attributes = _method_attributes(call.method)
-                if len(self._server_attributes) < _CACHE_LIMIT:
-                    self._server_attributes[call.method.full] = attributes
             span = self._tracer.start_span(
-                call.method.path,
-                context=parent_ctx,
-                kind=SpanKind.SERVER,
-                attributes={**attributes, **_peer_attributes(call.peer)},
+                name, context=parent_ctx, kind=SpanKind.SERVER, attributes=attributes()
             )
         else:
             span = self._unsampled(parent)
         return span, trace.set_span_in_context(span, parent_ctx)
+
+    def server_context(self, call: CallContext) -> tuple[Span, Context]:
+        """Start the span of an inbound call; returns it and the context to run the call in."""
+
+        def attributes() -> dict[str, Any]:
+            cached = self._server_attributes.get(call.method.full)
+            if cached is None:
+                cached = _method_attributes(call.method)
+                if len(self._server_attributes) < _CACHE_LIMIT:
+                    self._server_attributes[call.method.full] = cached
+            return {**cached, **_peer_attributes(call.peer)}
+
+        return self.start_server_span(
+            call.method.path, self.propagation.extract(call.metadata), attributes
+        )
 
     def client_context(self, call: CallContext, target: str | None) -> tuple[Span, Context]:
         """Start the span of an outbound call under the current context."""

@@ -73,8 +73,12 @@ async def test_register_discover_deregister(backend: str, etcd: EtcdServer) -> N
             ["users-1"],
             ["users-1", "users-2"],
         )
-        await eventually(lambda: registry.get("users"), within=5, message="both instances listed")
-        assert [i.id for i in await registry.get("users")] == ["users-1", "users-2"]
+
+        async def both_listed() -> bool:
+            return [i.id for i in await registry.get("users")] == ["users-1", "users-2"]
+
+        # register() returns once the registration loop runs; the put may land a moment later.
+        await eventually(both_listed, within=5, message="both instances listed")
         assert await registry.get("orders") == []
         await registry.deregister(users(1))
         await eventually(

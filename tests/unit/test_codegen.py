@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
 
-from tether.codegen import PROTO_DIR, compile_protos
+from tether.codegen import PROTO_DIR, compile_if_stale, compile_protos
 from tether.v1 import options_pb2
 
 OPTIONS = PROTO_DIR / "tether" / "v1" / "options.proto"
@@ -84,3 +85,18 @@ def test_a_vendored_copy_of_tether_options_is_not_generated(tmp_path: Path) -> N
     out = tmp_path / "gen"
     assert compile_protos([vendored], out, proto_path=root) == []
     assert list(out.iterdir()) == []
+
+
+def test_compile_if_stale_compiles_only_what_changed(tmp_path: Path) -> None:
+    """Missing outputs are generated, fresh ones left alone, an edited proto regenerated."""
+    root = tmp_path / "proto"
+    (root / "shop" / "v1").mkdir(parents=True)
+    source = root / "shop" / "v1" / "shop.proto"
+    source.write_text('syntax = "proto3";\npackage shop.v1;\nmessage Item { string id = 1; }\n')
+    out = tmp_path / "gen"
+    first = compile_if_stale(root, out)
+    assert [p.name for p in first] == ["shop_pb2.py", "shop_pb2.pyi", "shop_pb2_grpc.py"]
+    assert compile_if_stale(root, out) == []
+    later = max(p.stat().st_mtime_ns for p in first) + 1_000_000_000
+    os.utime(source, ns=(later, later))
+    assert compile_if_stale(root, out) == first

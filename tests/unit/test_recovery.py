@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import pytest
 from structlog.testing import capture_logs
 
@@ -95,3 +96,39 @@ async def test_success_returns_response() -> None:
 
     with use_call(UNARY):
         assert await recover(ok)(21) == 42
+
+
+def _dependency_failed(code: grpc.StatusCode, details: str) -> Any:
+    async def handler(request: Any) -> Any:
+        # What an outbound call through tether (or plain grpc.aio) raises in a handler.
+        raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.NOT_FOUND,
+    ],
+)
+async def test_a_dependencys_failure_passes_on_with_its_code(code: grpc.StatusCode) -> None:
+    """An outbound call's error the handler let go keeps its code and message, and is logged
+    as a dependency failure rather than a crash."""
+    with capture_logs() as logs, use_call(UNARY), pytest.raises(tether.StatusError) as err:
+        await recover(_dependency_failed(code, "only 2 left"))(None)
+    assert (err.value.code, err.value.message) == (code, "only 2 left")
+    assert [entry["event"] for entry in logs] == ["dependency call failed"]
+
+
+@pytest.mark.parametrize(
+    "code", [grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED]
+)
+async def test_a_dependency_refusing_our_credentials_is_internal(code: grpc.StatusCode) -> None:
+    """The caller is not to blame for this service's credentials: INTERNAL, generic message."""
+    with use_call(UNARY), pytest.raises(tether.Internal) as err:
+        await recover(_dependency_failed(code, "token expired for svc-a"))(None)
+    assert err.value.message == "internal error"

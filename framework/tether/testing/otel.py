@@ -64,6 +64,8 @@ class ReceivedSpan:
         events: ``(name, attributes)`` of each event, in order.
         status: ``UNSET``, ``OK`` or ``ERROR``.
         status_message: the status description.
+        start_ns: when it started, in nanoseconds since the epoch.
+        end_ns: when it ended, likewise.
     """
 
     service: str
@@ -77,6 +79,13 @@ class ReceivedSpan:
     events: Sequence[tuple[str, Mapping[str, Any]]]
     status: str
     status_message: str
+    start_ns: int = 0
+    end_ns: int = 0
+
+    @property
+    def seconds(self) -> float:
+        """How long it lasted."""
+        return (self.end_ns - self.start_ns) / 1e9
 
 
 def _value(value: common_pb2.AnyValue) -> Any:
@@ -115,6 +124,8 @@ def _spans_of(request: trace_service_pb2.ExportTraceServiceRequest) -> list[Rece
                         events=[(e.name, _attributes(e.attributes)) for e in span.events],
                         status=_STATUS.get(span.status.code, "UNSET"),
                         status_message=span.status.message,
+                        start_ns=span.start_time_unix_nano,
+                        end_ns=span.end_time_unix_nano,
                     )
                 )
     return received

@@ -6,20 +6,32 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 __all__ = ["eventually"]
 
 T = TypeVar("T")
 
 
+@overload
 async def eventually(
-    check: Callable[[], T | Awaitable[T]],
+    check: Callable[[], Awaitable[T]], *, within: float, message: str, interval: float = 0.01
+) -> T: ...
+
+
+@overload
+async def eventually(
+    check: Callable[[], T], *, within: float, message: str, interval: float = 0.01
+) -> T: ...
+
+
+async def eventually(
+    check: Callable[[], Any],
     *,
     within: float,
     message: str,
     interval: float = 0.01,
-) -> T:
+) -> Any:
     """Call ``check`` until it returns something truthy, and return that.
 
     Args:
