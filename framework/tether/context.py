@@ -87,6 +87,8 @@ class CallContext:
         request_streaming: the request is a stream of messages (an async iterator).
         response_streaming: the response is a stream of messages (an async iterator).
         parent: the inbound call this outbound call is made on behalf of, if any.
+        transport_deadline: the deadline the transport enforces by itself (grpc cancels a
+            served call at the deadline its caller sent); None when nothing does.
     """
 
     method: MethodName
@@ -97,6 +99,7 @@ class CallContext:
     request_streaming: bool = False
     response_streaming: bool = False
     parent: CallContext | None = None
+    transport_deadline: float | None = None
 
     def time_remaining(self) -> float | None:
         """Seconds left before the deadline (negative once it passed), or None without one."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
+import time
 import typing
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
@@ -46,6 +47,7 @@ from tether.middleware import Handler, Middleware
 from tether.v1 import options_pb2
 
 __all__ = [
+    "FALLBACK_LOG_EVERY",
     "FALLBACK_TRAILER",
     "Degradation",
     "Fallback",
@@ -389,6 +391,7 @@ def fallback(
     *,
     service: str,
     listeners: Sequence[FallbackListener] = (),
+    clock: Callable[[], float] = time.monotonic,
 ) -> Middleware:
     """Build the fallback middleware of one dependency's client chain.
 
@@ -397,20 +400,24 @@ def fallback(
     ``RateLimited``) or a peer answered a status in the method's ``fallback_codes``. Other
     errors, and methods without a fallback, fail unchanged. A fallback function that raises
     a ``StatusError`` answers with that status; one that fails otherwise is logged and the
-    original error stands. Each answer is logged, marked with the ``tether-fallback`` trailer
-    and reported to ``listeners``.
+    original error stands. Each answer is marked with the ``tether-fallback`` trailer and
+    reported to ``listeners``; the ``fallback answered`` warning is logged for the first
+    answer of a method and reason, then at most every ``FALLBACK_LOG_EVERY`` seconds with the
+    count of answers in between, so an outage does not flood the log.
 
     Args:
         resolver: the dependency's policies (``fallback_codes`` per method).
         fallbacks: the declared fallbacks.
         service: the dependency's name, for logs and listeners.
         listeners: called with a :class:`Degradation` per answer (metrics, tracing).
+        clock: a monotonic clock for the log's rate limit; injectable for tests.
 
     Returns:
         A client middleware; put it outside the breaker and the limiter, so it sees their
         refusals.
     """
     hooks = tuple(listeners)
+    logged = _DegradationLog(clock)
 
     def middleware(handler: Handler) -> Handler:
         async def falling_back(request: Any) -> Any:
@@ -434,7 +441,8 @@ def fallback(
                     _log.error("fallback failed", method=method, service=service, exc_info=exc)
                     # Not "from None": the caller's AioRpcError is the error's __cause__.
                     raise err  # noqa: B904
-                _mark(Degradation(service, method, err.code.name, err, found.source), hooks)
+                event = Degradation(service, method, err.code.name, err, found.source)
+                _mark(event, hooks, logged)
                 return response
 
         return falling_back
@@ -449,16 +457,44 @@ def _replaceable(err: StatusError, resolver: PolicyResolver, method: str) -> boo
     return isinstance(err, RemoteError) and err.code.name in resolver.policy(method).fallback_codes
 
 
-def _mark(event: Degradation, listeners: Sequence[FallbackListener]) -> None:
-    """Make a degraded answer visible: a log line, the caller's trailer, the listeners."""
-    _log.warning(
-        "fallback answered",
-        method=event.method,
-        service=event.service,
-        reason=event.reason,
-        error=event.error.message[:_MESSAGE_LIMIT],
-        source=event.source,
-    )
+#: A fallback answering during an outage answers every call: one warning per method and
+#: reason at most this often (seconds), with the number of answers not logged in between.
+#: ``tether_fallbacks_total`` and the span events count every one.
+FALLBACK_LOG_EVERY = 10.0
+
+
+class _DegradationLog:
+    """The rate-limited ``fallback answered`` warning of one client chain."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._logged: dict[tuple[str, str], list[float]] = {}  # [logged at, answers since]
+
+    def __call__(self, event: Degradation) -> None:
+        key = (event.method, event.reason)
+        now = self._clock()
+        entry = self._logged.get(key)
+        if entry is not None and now - entry[0] < FALLBACK_LOG_EVERY:
+            entry[1] += 1
+            return
+        unlogged = 0 if entry is None else int(entry[1])
+        if entry is not None or len(self._logged) < _CACHE_LIMIT:
+            self._logged[key] = [now, 0]
+        _log.warning(
+            "fallback answered",
+            method=event.method,
+            service=event.service,
+            reason=event.reason,
+            error=event.error.message[:_MESSAGE_LIMIT],
+            source=event.source,
+            **({"unlogged_since_last": unlogged} if unlogged else {}),
+        )
+
+
+def _mark(event: Degradation, listeners: Sequence[FallbackListener], log: _DegradationLog) -> None:
+    """Make a degraded answer visible: a log line (rate-limited), the caller's trailer, the
+    listeners."""
+    log(event)
     sink = _trailers.get()
     if sink is not None:
         sink.append((FALLBACK_TRAILER, event.reason))

@@ -124,11 +124,13 @@ def _server_context(
     response_streaming: bool,
 ) -> CallContext:
     metadata: Any = context.invocation_metadata() or ()
+    deadline = _deadline_in(context.time_remaining())
     return CallContext(
         method=name,
         side=Side.SERVER,
         metadata=metadata if type(metadata) is tuple else tuple(metadata),
-        deadline=_deadline_in(context.time_remaining()),
+        deadline=deadline,
+        transport_deadline=deadline,  # grpc cancels the handler at this one itself
         peer=context.peer(),
         request_streaming=request_streaming,
         response_streaming=response_streaming,

@@ -266,6 +266,8 @@ class Tracing:
             ``service.instance.id`` (``OTEL_RESOURCE_ATTRIBUTES`` adds to them).
         exporter: export to this instead of OTLP, synchronously as each span ends (a
             ``SimpleSpanProcessor``): for tests and debugging.
+        batch: hand ``exporter`` a batch processor instead, as OTLP gets (benchmarks
+            compare the pipeline's cost without a collector).
 
     Attributes:
         enabled: spans are recorded and exported.
@@ -279,6 +281,7 @@ class Tracing:
         *,
         resource: Mapping[str, str] | None = None,
         exporter: SpanExporter | None = None,
+        batch: bool = False,
     ) -> None:
         cfg = config if config is not None else TracingConfig()
         _quiet_propagators()
@@ -300,6 +303,8 @@ class Tracing:
                 headers={k: v.get_secret_value() for k, v in cfg.headers.items()} or None,
                 timeout=cfg.timeout_seconds,
             )
+            self._processor = BatchSpanProcessor(exporter)
+        elif batch:
             self._processor = BatchSpanProcessor(exporter)
         else:
             self._processor = SimpleSpanProcessor(exporter)

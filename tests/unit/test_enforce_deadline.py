@@ -93,3 +93,17 @@ async def test_a_stream_in_time_is_returned_untouched() -> None:
     assert await call(servicer.open_stream, time.monotonic() + 60, streaming=True) is (
         servicer.stream
     )
+
+
+async def test_no_timer_when_the_transport_enforces_the_same_deadline() -> None:
+    """grpc cancels a served call at the deadline its caller sent: the middleware arms no timer
+    for it (a tightened one still gets the timer, as above)."""
+    deadline = time.monotonic() + 0.01
+    ctx = CallContext(method=SAY, side=Side.SERVER, deadline=deadline, transport_deadline=deadline)
+
+    async def outlives(request: Any) -> Any:
+        await asyncio.sleep(0.05)  # past the deadline: only a timer of ours could stop it
+        return "finished"
+
+    with use_call(ctx):
+        assert await asyncio.wait_for(enforce_deadline(outlives)(None), BOUND) == "finished"

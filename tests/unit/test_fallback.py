@@ -10,12 +10,14 @@ import pytest
 from echo.v1 import echo_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool
 from structlog.testing import capture_logs
+from support.fakes import FakeClock
 
 import tether
 from tether.config import ClientConfig
 from tether.context import CallContext, MethodName, Side, use_call
 from tether.errors import BreakerOpen, ConfigError, RateLimited, RemoteError, StatusError
 from tether.fallback import (
+    FALLBACK_LOG_EVERY,
     FALLBACK_TRAILER,
     Degradation,
     Fallbacks,
@@ -485,3 +487,22 @@ async def test_degraded_reads_the_trailer() -> None:
         "UNAVAILABLE"
     )
     assert await degraded(_Call(("x-other", "1"))) is None
+
+
+async def test_an_outage_logs_one_warning_per_interval_with_a_count() -> None:
+    """Every answer is counted by listeners, but the warning is logged once per method and
+    reason per FALLBACK_LOG_EVERY seconds, with how many answers went unlogged."""
+    clock = FakeClock()
+    events: list[Degradation] = []
+    fallbacks = Fallbacks()
+    fallbacks.add(SAY, cached)
+    error = RemoteError(grpc.StatusCode.UNAVAILABLE, "down")
+    handler = chain_for(fallbacks, listeners=[events.append], clock=clock)(failing(error))
+    with capture_logs() as logs, use_call(_ctx()):
+        for _ in range(5):
+            await handler(Req())
+        clock.now += FALLBACK_LOG_EVERY
+        await handler(Req())
+    answered = [line for line in logs if line["event"] == "fallback answered"]
+    assert len(events) == 6
+    assert [line.get("unlogged_since_last") for line in answered] == [None, 4]

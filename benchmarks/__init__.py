@@ -1,0 +1,1 @@
+"""tether's benchmarks: `make bench` (python -m benchmarks.run) writes BENCHMARKS.md."""
