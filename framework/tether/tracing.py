@@ -26,6 +26,7 @@ import asyncio
 import collections
 import contextvars
 import functools
+import importlib.metadata
 import logging
 import random
 import re
@@ -42,9 +43,10 @@ from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import Getter, Setter, TextMapPropagator
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     NonRecordingSpan,
     Span,
@@ -109,6 +111,8 @@ _QUIET_LOGGERS = (
 _CACHE_LIMIT = 4096
 _EMPTY = Context()
 _RANDOM_UNSAMPLED = TraceFlags(0x02)
+_SAMPLED = TraceFlags(0x01)
+_RANDOM_SAMPLED = TraceFlags(0x03)
 
 
 def _quiet_propagators() -> None:
@@ -292,7 +296,8 @@ class Tracing:
         self._processor: SpanProcessor | None = None
         self._server_attributes: dict[str, dict[str, Any]] = {}
         self._client_attributes: dict[tuple[str, str], dict[str, Any]] = {}
-        self._tracer: trace.Tracer = trace.NoOpTracer()
+        self._resource: Resource | None = None
+        self._scope: InstrumentationScope | None = None
         if not self.enabled:
             return
         if exporter is None:
@@ -309,17 +314,16 @@ class Tracing:
         else:
             self._processor = SimpleSpanProcessor(exporter)
         res = Resource.create(dict(resource or {}))
-        # Users' spans sample as configured; tether's own spans are started only once tether
-        # decided to sample them, so their tracer samples everything it is given.
+        # Users' spans sample as configured. tether's own spans are _LeanSpans, made only once
+        # tether decided to sample them and handed to the same processor when they end.
         self.provider = TracerProvider(
             sampler=ParentBased(TraceIdRatioBased(cfg.sample_ratio)),
             resource=res,
             shutdown_on_exit=False,
         )
         self.provider.add_span_processor(self._processor)
-        own = TracerProvider(sampler=ALWAYS_ON, resource=res, shutdown_on_exit=False)
-        own.add_span_processor(self._processor)
-        self._tracer = own.get_tracer("tether")
+        self._resource = res
+        self._scope = InstrumentationScope("tether", _version())
 
     @classmethod
     def for_service(
@@ -385,12 +389,27 @@ class Tracing:
                 return trace.INVALID_SPAN, parent_ctx  # pass the caller's context through
             span = self._unsampled(parent)
         elif self._sampled(parent):
-            span = self._tracer.start_span(
-                name, context=parent_ctx, kind=SpanKind.SERVER, attributes=attributes()
-            )
+            span = self._recorded(name, parent, SpanKind.SERVER, dict(attributes()))
         else:
             span = self._unsampled(parent)
         return span, trace.set_span_in_context(span, parent_ctx)
+
+    def _recorded(
+        self, name: str, parent: SpanContext, kind: SpanKind, attributes: dict[str, Any]
+    ) -> _LeanSpan:
+        """A sampled span of tether's own, child of ``parent`` (or a root)."""
+        assert self._processor is not None and self._resource is not None
+        if parent.is_valid:
+            context = SpanContext(
+                parent.trace_id,
+                _new_id(64),
+                is_remote=False,
+                trace_flags=_RANDOM_SAMPLED if parent.trace_flags.random_trace_id else _SAMPLED,
+                trace_state=parent.trace_state,
+            )
+            return _LeanSpan(name, context, parent, kind, attributes, self)
+        context = SpanContext(_new_id(128), _new_id(64), False, _RANDOM_SAMPLED)
+        return _LeanSpan(name, context, None, kind, attributes, self)
 
     def server_context(self, call: CallContext) -> tuple[Span, Context]:
         """Start the span of an inbound call; returns it and the context to run the call in."""
@@ -423,9 +442,7 @@ class Tracing:
                     attributes["peer.service"] = target
                 if len(self._client_attributes) < _CACHE_LIMIT:
                     self._client_attributes[key] = attributes
-            span = self._tracer.start_span(
-                call.method.path, context=current, kind=SpanKind.CLIENT, attributes=attributes
-            )
+            span = self._recorded(call.method.path, parent, SpanKind.CLIENT, dict(attributes))
         else:
             span = self._unsampled(parent)
         return span, trace.set_span_in_context(span, current)
@@ -440,8 +457,148 @@ class Tracing:
         """Export the spans still buffered and stop the exporter (at most ``timeout_seconds``
         while the collector does not answer); safe to call twice."""
         provider, self.provider = self.provider, None
+        self._processor = None  # spans ending later are dropped, not handed to a closed one
         if provider is not None:
             await asyncio.to_thread(provider.shutdown)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tether")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+_ATTRIBUTE_TYPES = (str, bool, int, float)
+
+
+def _valid_attribute(value: object) -> bool:
+    if isinstance(value, _ATTRIBUTE_TYPES):
+        return True
+    return isinstance(value, list | tuple) and all(isinstance(v, _ATTRIBUTE_TYPES) for v in value)
+
+
+class _LeanSpan(Span):
+    """A recorded span of tether's own: plain fields while the call runs, one ``ReadableSpan``
+    for the span processor when it ends.
+
+    The SDK's live span costs about 46 µs a call here (locks, attribute validation, four
+    allocations of a lock per span); this one about a tenth, and exports the same
+    ``ReadableSpan`` through the same processor. Calls run in one task, so it takes no lock.
+    Code inside a call may use it like any span: attributes, events, status, the name.
+    """
+
+    __slots__ = (
+        "_attributes",
+        "_context",
+        "_ended",
+        "_events",
+        "_kind",
+        "_name",
+        "_parent",
+        "_start",
+        "_status",
+        "_tracing",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        context: SpanContext,
+        parent: SpanContext | None,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        tracing: Tracing,
+    ) -> None:
+        self._name = name
+        self._context = context
+        self._parent = parent
+        self._kind = kind
+        self._attributes = attributes
+        self._events: list[Event] = []
+        self._status = _UNSET
+        self._start = time.time_ns()
+        self._ended = False
+        self._tracing = tracing
+
+    def get_span_context(self) -> SpanContext:
+        return self._context
+
+    def is_recording(self) -> bool:
+        return not self._ended
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        if not self._ended and _valid_attribute(value):
+            self._attributes[key] = value
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        for key, value in attributes.items():
+            self.set_attribute(key, value)
+
+    def add_event(
+        self, name: str, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None
+    ) -> None:
+        if not self._ended:
+            kept = {k: v for k, v in (attributes or {}).items() if _valid_attribute(v)}
+            self._events.append(Event(name, kept, timestamp or time.time_ns()))
+
+    def update_name(self, name: str) -> None:
+        if not self._ended:
+            self._name = name
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        if self._ended:
+            return
+        if isinstance(status, StatusCode):
+            status = Status(status, description)
+        if self._status.status_code is not StatusCode.OK:  # OK is final, as in the SDK
+            self._status = status
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: Mapping[str, Any] | None = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        # The type only: a message or traceback may hold request data (logs have the rest).
+        self.add_event(
+            "exception", {"exception.type": type(exception).__name__, **(attributes or {})}
+        )
+
+    def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
+        pass  # tether's spans have no links
+
+    def end(self, end_time: int | None = None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        tracing = self._tracing
+        processor = tracing._processor
+        if processor is None:  # tracing shut down meanwhile
+            return
+        processor.on_end(
+            ReadableSpan(
+                name=self._name,
+                context=self._context,
+                parent=self._parent,
+                resource=tracing._resource,
+                attributes=self._attributes,
+                events=tuple(self._events),
+                links=(),
+                kind=self._kind,
+                status=self._status,
+                start_time=self._start,
+                end_time=end_time or time.time_ns(),
+                instrumentation_scope=tracing._scope,
+            )
+        )
+
+    def __repr__(self) -> str:
+        return f"_LeanSpan({self._name!r}, {self._context!r})"
+
+
+_UNSET = Status(StatusCode.UNSET)
 
 
 def _method_attributes(method: MethodName) -> dict[str, Any]:
