@@ -1,5 +1,5 @@
 """The ``tether`` command: make a service, run it, show its config, compile protos, list
-instances, start a local etcd."""
+instances, start a local etcd, check the governance contract."""
 
 from __future__ import annotations
 
@@ -170,6 +170,38 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         return 1
 
 
+def _codes(values: Sequence[str] | None) -> list[str] | None:
+    """Codes given as repeated and/or comma-separated flags."""
+    if values is None:
+        return None
+    return [code.strip() for value in values for code in value.split(",") if code.strip()]
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from tether.check import run_check
+
+    return run_check(
+        args.paths or ["."],
+        output_format=args.format,
+        select=_codes(args.select),
+        ignore=_codes(args.ignore) or [],
+        statistics=args.statistics,
+        runtime=args.runtime,
+    )
+
+
+def _check_epilog() -> str:
+    from tether.check.rules import RULES
+
+    rows = "\n".join(f"  {rule.code}  {rule.summary}" for rule in RULES)
+    return (
+        f"rules (docs/check.md has the reason and the fix of each):\n{rows}\n\n"
+        "Silence one finding with a comment on its line: # tether: ignore[TTH003]\n"
+        "(several codes: ignore[TTH003,TTH004]; a bare '# tether: ignore' silences nothing).\n"
+        "Exit status: 0 nothing found, 1 findings, 2 the check could not run."
+    )
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
     return "\n".join(
@@ -183,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="tether",
         description=(
             "Governed gRPC microservices: make a service, run it, configure it, generate "
-            "code, list instances, start a local etcd."
+            "code, list instances, start a local etcd, check the governance contract."
         ),
     )
     parser.add_argument("--version", action="version", version=f"tether {version('tether')}")
@@ -279,6 +311,57 @@ def _parser() -> argparse.ArgumentParser:
     instances.add_argument("--prefix", help="key prefix (default: /tether/services)")
     instances.add_argument("--json", action="store_true", help="one JSON object per line")
     instances.set_defaults(func=_cmd_instances)
+
+    check = commands.add_parser(
+        "check",
+        help="check the governance contract in the source (and in the built app)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Check Python files for what breaks tether's governance contract (raw gRPC\n"
+            "channels, threads without the call's context, print and stdlib logging, whole\n"
+            "requests in log lines, blocking calls in async def, HTTP clients without the\n"
+            "trace, swallowed failures) and print `path:line:col: CODE message` per finding.\n"
+            "Settings come from [tool.tether.check] in the nearest pyproject.toml (select,\n"
+            "ignore, exclude, extend-exclude, per-file-ignores); generated *_pb2 modules,\n"
+            "virtualenvs, build output and tests are excluded by default. --runtime also\n"
+            "imports and builds the App (never starts it) and checks its handlers, fallbacks,\n"
+            "configuration and the methods its configuration names."
+        ),
+        epilog=_check_epilog(),
+    )
+    check.add_argument(
+        "paths", nargs="*", metavar="PATH", help="files or directories to check (default: .)"
+    )
+    check.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="text (default), or json: an array of {code, message, path, line, column}",
+    )
+    check.add_argument(
+        "--select",
+        action="append",
+        metavar="CODES",
+        help="codes or prefixes to check, comma-separated (replaces the configured selection)",
+    )
+    check.add_argument(
+        "--ignore",
+        action="append",
+        metavar="CODES",
+        help="codes or prefixes not to check, comma-separated (taken out of the selection)",
+    )
+    check.add_argument(
+        "--statistics", action="store_true", help="count findings per rule instead of listing"
+    )
+    check.add_argument(
+        "--runtime",
+        metavar="MODULE:ATTRIBUTE",
+        help=(
+            "also build this App (or the function returning one, as for `tether run`) from "
+            "the current directory and check it"
+        ),
+    )
+    check.set_defaults(func=_cmd_check)
     return parser
 
 
