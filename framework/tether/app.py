@@ -34,6 +34,7 @@ from tether.middleware import Middleware
 from tether.recovery import recover
 from tether.registry import Instance, Registry, registry_from_config
 from tether.tracing import Tracing, trace_server
+from tether.workers import registered_instance_id, serve_in_workers
 
 __all__ = ["App", "Hook", "default_server_middleware"]
 
@@ -347,7 +348,8 @@ class App:
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                # Off, so a port in use fails the bind; on for server.workers, which share it.
+                ("grpc.so_reuseport", 1 if cfg.workers > 1 else 0),
             ],
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
@@ -422,11 +424,12 @@ class App:
             ) from exc
 
     async def _register(self) -> None:
-        if self.registry is None:
+        instance_id = registered_instance_id(self.instance_id)  # None: another worker does
+        if self.registry is None or instance_id is None:
             return
         svc = self.config.service
         self.instance = Instance(
-            id=self.instance_id,
+            id=instance_id,
             service=svc.name,
             address=f"{advertised_host(self.config.server)}:{self.port}",
             version=svc.version,
@@ -543,6 +546,9 @@ class App:
     def run(self) -> None:
         """Configure logging and serve until a signal; then return, so the process exits 0.
 
+        With ``server.workers`` > 1 this process serves nothing itself: it starts the workers,
+        forwards SIGTERM and SIGINT to them and exits with their status (:mod:`tether.workers`).
+
         Raises:
             SystemExit: with status 2 and the problems on stderr when start-up refuses the
                 configuration (for example the port cannot be bound); with status 1 when
@@ -558,6 +564,9 @@ class App:
             # The process's own spans (opentelemetry.trace.get_tracer) join this pipeline.
             trace.set_tracer_provider(self.tracing.provider)
         try:
+            status = serve_in_workers(self)  # None: this process serves
+            if status is not None:
+                raise SystemExit(status)
             asyncio.run(self.serve())
         except ConfigError as exc:
             print(f"{cfg.service.name}: {exc}", file=sys.stderr)

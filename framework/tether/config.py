@@ -129,6 +129,18 @@ class ServerConfig(BaseModel):
     port: int = Field(
         default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free (ephemeral) port."
     )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Processes serving the port, for more than one core: App.run() starts this many "
+            "workers sharing the port (SO_REUSEPORT; needs a fixed port, not 0). Worker k logs "
+            "as <instance_id>-w<k> and serves metrics on metrics.port + k; worker 0 registers "
+            "one instance for the port. A number, not 'auto': the CPU count a process sees is "
+            "the machine's, not its container's CPU limit."
+        ),
+    )
     advertise_host: str | None = Field(
         default=None,
         description=(
