@@ -17,7 +17,15 @@ from pathlib import Path
 from benchmarks._common import Section, machine
 
 #: In report order. Each module has ``async def measure(quick: bool) -> Section``.
-BENCHMARKS = ["server_chain", "client_chain", "breaker", "multicore", "check_speed"]
+BENCHMARKS = [
+    "server_chain",
+    "client_chain",
+    "discovery",
+    "breaker",
+    "multicore",
+    "scale",
+    "check_speed",
+]
 ROOT = Path(__file__).resolve().parents[1]
 
 
