@@ -61,6 +61,10 @@ def render(sections: list[Section], info: dict[str, str], quick: bool) -> str:
 
 
 async def main(names: list[str], quick: bool, output: Path | None) -> int:
+    import tether
+
+    # The benchmarks' own clients and servers log nothing below warnings, on stderr.
+    tether.configure_logging("warning", "console", stream=sys.stderr)
     info = machine()
     sections: list[Section] = []
     failed = []
