@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -65,6 +67,37 @@ def request_body() -> bytes:
 
     body = echo_pb2.SayRequest(text="hello").SerializeToString()
     return b"\x00" + len(body).to_bytes(4, "big") + body
+
+
+async def h2load(
+    port: int, body: Path, calls: int, *, connections: int = 4, streams: int = 8
+) -> tuple[float, float]:
+    """Send ``calls`` unary ``echo.v1.Echo/Say`` calls with h2load (one thread) from outside
+    Python; return the calls/s and the CPU seconds h2load used. Fails when h2load reports a
+    failed call (it cannot read gRPC trailers: callers check grpc-status their own way)."""
+    used = _children_cpu()
+    proc = await asyncio.create_subprocess_exec(
+        "h2load",
+        *("-n", str(calls), "-c", str(connections), "-m", str(streams), "-t", "1"),
+        *("-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers"),
+        f"http://127.0.0.1:{port}/echo.v1.Echo/Say",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out = (await proc.communicate())[0].decode()
+    rate = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", out)
+    done = re.search(r"(\d+) succeeded", out)
+    if rate is None or done is None:
+        raise RuntimeError(f"h2load output not understood:\n{out}")
+    if int(done.group(1)) != calls:
+        raise RuntimeError(f"h2load: {calls - int(done.group(1))} of {calls} calls failed")
+    return float(rate.group(1)), _children_cpu() - used
+
+
+def _children_cpu() -> float:
+    """CPU time of this process's children that have exited (the h2load runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def servicer() -> Any:

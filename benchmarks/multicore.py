@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
-import resource
 import signal
 import socket
 import statistics
@@ -24,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks._common import Bar, Section, cpu_seconds, free_port, median_spread
-from benchmarks._echo import generated, request_body
+from benchmarks._echo import generated, h2load, request_body
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Variant -> (workers, CPUs the group is pinned to, or None); "1/1 core" is the second figure.
@@ -132,34 +130,6 @@ def _free_ports(count: int) -> int:
     raise RuntimeError(f"no {count} consecutive free ports found")
 
 
-async def _h2load(port: int, body: Path, calls: int) -> tuple[float, float]:
-    """h2load's calls/s, and the CPU seconds it used."""
-    used = _children_cpu()
-    proc = await asyncio.create_subprocess_exec(
-        "h2load",
-        *("-n", str(calls), "-c", str(CONNECTIONS), "-m", str(STREAMS), "-t", "1"),
-        *("-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers"),
-        f"http://127.0.0.1:{port}/echo.v1.Echo/Say",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out = (await proc.communicate())[0].decode()
-    rate = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", out)
-    done = re.search(r"(\d+) succeeded", out)
-    if rate is None or done is None:
-        raise RuntimeError(f"h2load output not understood:\n{out}")
-    if int(done.group(1)) != calls:
-        raise RuntimeError(f"h2load: {calls - int(done.group(1))} of {calls} calls failed")
-    return float(rate.group(1)), _children_cpu() - used
-
-
-def _children_cpu() -> float:
-    """CPU time of this process's children that have exited (here: the h2load runs; the
-    server groups run until the end)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 @dataclass
 class _Run:
     rate: float  # calls/s
@@ -168,9 +138,15 @@ class _Run:
     busiest: float  # the busiest worker's share of the calls
 
 
+async def _drive(port: int, body: Path, calls: int) -> tuple[float, float]:
+    return await h2load(port, body, calls, connections=CONNECTIONS, streams=STREAMS)
+
+
 async def _run(group: _Group, body: Path, calls: int) -> _Run:
     before, cpu_before = await group.ok_calls(), group.cpu()
-    rate, h2load_cpu = await _h2load(group.port, body, calls)
+    rate, h2load_cpu = await h2load(
+        group.port, body, calls, connections=CONNECTIONS, streams=STREAMS
+    )
     cpu_used = group.cpu() - cpu_before
     served = [after - b for after, b in zip(await group.ok_calls(), before, strict=True)]
     if sum(served) != calls:
@@ -190,7 +166,13 @@ async def measure(quick: bool) -> Section:
         try:
             for name, (workers, pin) in VARIANTS.items():
                 groups[name] = await _Group.start(workers, pin, code)
-                await _h2load(groups[name].port, body, min(4000, calls))  # warm-up
+                await h2load(
+                    groups[name].port,
+                    body,
+                    min(4000, calls),
+                    connections=CONNECTIONS,
+                    streams=STREAMS,
+                )  # warm-up
             for _ in range(rounds):
                 for name in VARIANTS:
                     runs[name].append(await _run(groups[name], body, calls))

@@ -716,6 +716,25 @@ class _TracedStream:
             _abandoned.append((span, self._server, time.time_ns()))
 
 
+async def _run_traced(
+    handler: Handler, request: Any, span: Span, ctx: Context, call: CallContext, *, server: bool
+) -> Any:
+    """Run the next handler with ``ctx`` current; end ``span`` with the outcome (a response
+    stream ends it when it ends)."""
+    token = otel_context.attach(ctx)
+    try:
+        response = await handler(request)
+    except BaseException as exc:
+        _end(span, exc, server=server)
+        raise
+    finally:
+        otel_context.detach(token)
+    if call.response_streaming:
+        return _TracedStream(response, span, ctx, server=server)
+    _end(span, None, server=server)
+    return response
+
+
 def trace_server(tracing: Tracing) -> Middleware:
     """Build the server middleware that traces each call and binds its context.
 
@@ -740,18 +759,7 @@ def trace_server(tracing: Tracing) -> Middleware:
             if _abandoned:
                 _end_abandoned()
             span, ctx = tracing.server_context(call)
-            token = otel_context.attach(ctx)
-            try:
-                response = await handler(request)
-            except BaseException as exc:
-                _end(span, exc, server=True)
-                raise
-            finally:
-                otel_context.detach(token)
-            if call.response_streaming:
-                return _TracedStream(response, span, ctx, server=True)
-            _end(span, None, server=True)
-            return response
+            return await _run_traced(handler, request, span, ctx, call, server=True)
 
         return traced
 
@@ -789,20 +797,8 @@ def trace_client(tracing: Tracing, *, target: str | None = None) -> Middleware:
             metadata = call.metadata
             if any(k in keys for k, _ in metadata):
                 metadata = tuple(pair for pair in metadata if pair[0] not in keys)
-            outbound = call.replace(metadata=(*metadata, *pairs))
-            token = otel_context.attach(ctx)
-            try:
-                with use_call(outbound):
-                    response = await handler(request)
-            except BaseException as exc:
-                _end(span, exc, server=False)
-                raise
-            finally:
-                otel_context.detach(token)
-            if call.response_streaming:
-                return _TracedStream(response, span, ctx, server=False)
-            _end(span, None, server=False)
-            return response
+            with use_call(call.replace(metadata=(*metadata, *pairs))):
+                return await _run_traced(handler, request, span, ctx, call, server=False)
 
         return traced
 

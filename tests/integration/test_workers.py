@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +16,7 @@ import grpc
 import httpx
 import pytest
 from echo.v1 import echo_pb2, echo_pb2_grpc
+from support.processes import json_lines, spawn_echo
 
 from tether.config import RegistryConfig, load_config
 from tether.errors import ConfigError
@@ -77,32 +76,18 @@ class Group:
             "logging: {format: json}\n"
         )
         log_path = directory / f"{group_id}.log"
-        with log_path.open("wb") as log:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "support.echo_service",
-                env={**os.environ, "TETHER_CONFIG": str(config)},
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-        return cls(proc, log_path, group_id)
+        return cls(await spawn_echo(config, log_path), log_path, group_id)
 
     def worker_id(self, index: int) -> str:
         return f"{self.group_id}-w{index}"
 
     def lines(self, event: str | None = None) -> list[dict[str, Any]]:
         """The JSON log lines written so far (with ``event``, if given)."""
-        lines = []
-        for raw in self.log_path.read_bytes().splitlines():
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                continue
-            if event is None or line.get("event") == event:
-                lines.append(line)
-        return lines
+        return [
+            line
+            for line in json_lines(self.log_path)
+            if event is None or line.get("event") == event
+        ]
 
     @property
     def worker_pids(self) -> dict[str, int]:

@@ -14,11 +14,36 @@ from typing import Any
 WAIT = 20.0  # bound on each wait; a healthy run needs well under a second
 
 
-class EchoProcess:
-    """``python -m support.echo_service`` with its own config; stdout goes to a log file.
+async def spawn_echo(config: Path, log_path: Path) -> asyncio.subprocess.Process:
+    """``python -m support.echo_service`` with ``config``; stdout and stderr to ``log_path``.
 
     A file, not a pipe: a service logging under load never blocks on a reader that is busy.
     """
+    with log_path.open("wb") as log:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "support.echo_service",
+            env={**os.environ, "TETHER_CONFIG": str(config)},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON log lines in ``path`` so far (other output is skipped)."""
+    lines = []
+    for raw in path.read_bytes().splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except ValueError:
+            continue
+    return lines
+
+
+class EchoProcess:
+    """``python -m support.echo_service`` with its own config; stdout goes to a log file."""
 
     def __init__(self, proc: asyncio.subprocess.Process, log_path: Path, instance_id: str) -> None:
         self.proc = proc
@@ -64,17 +89,7 @@ class EchoProcess:
             )
         )
         log_path = directory / f"{instance_id}.log"
-        with log_path.open("wb") as log:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "support.echo_service",
-                env={**os.environ, "TETHER_CONFIG": str(config)},
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-        process = cls(proc, log_path, instance_id)
+        process = cls(await spawn_echo(config, log_path), log_path, instance_id)
         try:
             process.target = (await process.wait_for_log("serving"))["address"]
             if etcd_endpoints:
@@ -90,13 +105,7 @@ class EchoProcess:
 
     def lines(self) -> list[dict[str, Any]]:
         """Every JSON log line written so far (other output is skipped)."""
-        lines = []
-        for raw in self.log_path.read_bytes().splitlines():
-            try:
-                lines.append(json.loads(raw))
-            except ValueError:
-                continue
-        return lines
+        return json_lines(self.log_path)
 
     async def wait_for_log(
         self, event: str, *, after: int = 0, timeout: float = WAIT
