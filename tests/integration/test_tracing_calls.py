@@ -109,7 +109,10 @@ async def test_server_span_status_follows_the_conventions(
         (("traceparent", SAMPLED + " " * 600),),
         (("traceparent", SAMPLED), ("tracestate", "x" * 5000)),
         (("traceparent", SAMPLED), ("tracestate", "bad key=1,,=,")),
-        (("baggage", "k=" + "v" * 9000),),
+        # Over W3C's 4096-byte member limit yet under gRPC's 8 KiB soft limit on all metadata:
+        # between 8 and 16 KiB gRPC refuses calls at random before tether sees them, so the
+        # over-8 KiB case is a unit test of extraction (tests/unit/test_tracing.py).
+        (("baggage", "k=" + "v" * 5000),),
         (("baggage", "%%%;;;===,,,"),),
     ],
     ids=[

@@ -102,6 +102,24 @@ def test_no_context_in_metadata_yields_an_empty_context() -> None:
     assert tracing.propagation.inject(Context()) == []
 
 
+@pytest.mark.parametrize(
+    "header",
+    ["k=" + "v" * 9000, "k=" + "v" * 5000, ",".join(f"k{i}=v" for i in range(200))],
+    ids=["over-8KiB", "member-over-4KiB", "over-180-members"],
+)
+def test_oversized_baggage_is_dropped_and_the_trace_kept(header: str) -> None:
+    """Baggage over W3C's limits is dropped whole or in part; the traceparent beside it holds."""
+    tracing = Tracing()
+    ctx = tracing.propagation.extract(
+        (("traceparent", f"00-{TRACE}-{SPAN}-01"), ("baggage", header))
+    )
+    got = trace.get_current_span(ctx).get_span_context()
+    assert format(got.trace_id, "032x") == TRACE
+    kept = baggage.get_all(ctx)
+    assert "k" not in kept
+    assert len(kept) <= 180
+
+
 class _HeaderPropagator(TextMapPropagator):
     """A non-W3C propagator (one ``x-trace`` header of the form ``trace:span``)."""
 
