@@ -243,8 +243,9 @@ class ChainServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
         if not ss:
 
             async def unary_response(request: Any, context: Any) -> Any:
-                token = _current.set(_server_context(name, context, rs, ss))
-                ctx_token = _servicer_context.set(context)
+                # Each RPC runs in a task of its own: these sets end with it, no reset needed.
+                _current.set(_server_context(name, context, rs, ss))
+                _servicer_context.set(context)
                 enter()
                 try:
                     return await wrapped(request)
@@ -252,8 +253,6 @@ class ChainServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
                     await _abort_with(context, err)
                 finally:
                     leave()
-                    _servicer_context.reset(ctx_token)
-                    _current.reset(token)
 
             factory = (
                 grpc.stream_unary_rpc_method_handler if rs else grpc.unary_unary_rpc_method_handler

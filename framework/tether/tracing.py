@@ -127,6 +127,43 @@ def _new_id(bits: int) -> int:
     return value
 
 
+class _UnsampledSpan(NonRecordingSpan):
+    """The span of an unsampled call: ids made when first asked for, by a log line or an
+    outbound call; most calls never ask, and skip two random numbers and a SpanContext.
+
+    Under a valid parent: its trace, a new span id, its (unsampled) flags and trace state. For
+    a new trace: random ids, flagged as such (W3C level 2), as the SDK does.
+    """
+
+    def __init__(self, parent: SpanContext | None) -> None:
+        self._parent = parent
+        # At most one element that counts: the first appended. Threads the call's context
+        # reached (to_thread) may ask at the same moment; list.append is atomic, so all of
+        # them read the same ids.
+        self._made: list[SpanContext] = []
+
+    def get_span_context(self) -> SpanContext:
+        made = self._made
+        if not made:
+            parent = self._parent
+            if parent is None:
+                made.append(SpanContext(_new_id(128), _new_id(64), False, _RANDOM_UNSAMPLED))
+            else:
+                made.append(
+                    SpanContext(
+                        parent.trace_id,
+                        _new_id(64),
+                        is_remote=False,
+                        trace_flags=parent.trace_flags,
+                        trace_state=parent.trace_state,
+                    )
+                )
+        return made[0]
+
+    def __repr__(self) -> str:
+        return f"_UnsampledSpan({self.get_span_context()!r})"
+
+
 def parse_traceparent(traceparent: str, tracestate: str | None = None) -> SpanContext | None:
     """The remote span context of a W3C ``traceparent`` (and ``tracestate``), or None.
 
@@ -200,7 +237,10 @@ class _Propagation:
         """The context the caller sent (empty when it sent none or sent junk)."""
         custom = self._custom()
         keys = self._keys
-        if not any(k in keys for k, _ in metadata):
+        for key, _ in metadata:
+            if key in keys:
+                break
+        else:  # most calls carry no trace context: no work beyond this scan
             return _EMPTY
         try:
             if custom is not None:
@@ -347,17 +387,7 @@ class Tracing:
         return random.random() < self.ratio
 
     def _unsampled(self, parent: SpanContext) -> NonRecordingSpan:
-        if parent.is_valid:  # its trace, its (unsampled) flags, its trace state
-            sc = SpanContext(
-                parent.trace_id,
-                _new_id(64),
-                is_remote=False,
-                trace_flags=parent.trace_flags,
-                trace_state=parent.trace_state,
-            )
-        else:  # a new trace: random ids, flagged as such (W3C level 2), as the SDK does
-            sc = SpanContext(_new_id(128), _new_id(64), False, _RANDOM_UNSAMPLED)
-        return NonRecordingSpan(sc)
+        return _UnsampledSpan(parent if parent.is_valid else None)
 
     def start_server_span(
         self,

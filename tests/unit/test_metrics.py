@@ -393,3 +393,41 @@ def test_default_server_chain_observes_outermost_only_with_metrics() -> None:
     # Metrics first, so they see the INTERNAL that recover answers (and the access log's view).
     assert observed.index(recover) == plain.index(recover) + 1
     assert observed[0] not in plain
+
+
+async def test_latency_lands_in_cumulative_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3 ms call counts in every bucket from le=0.005 up, and in _count and _sum."""
+    metrics = Metrics()
+    now = [100.0]
+    monkeypatch.setattr("tether.metrics.time.perf_counter", lambda: now[0])
+
+    async def three_ms(request: Any) -> Any:
+        now[0] += 0.003
+        return request
+
+    await serve(three_ms, metrics)
+    bucket = "tether_server_call_seconds_bucket"
+    assert value(metrics, bucket, le="0.0025", **SERVER) == 0
+    assert value(metrics, bucket, le="0.005", **SERVER) == 1
+    assert value(metrics, bucket, le="10.0", **SERVER) == 1
+    assert value(metrics, bucket, le="+Inf", **SERVER) == 1
+    assert value(metrics, "tether_server_call_seconds_count", **SERVER) == 1
+    assert value(metrics, "tether_server_call_seconds_sum", **SERVER) == pytest.approx(0.003)
+    assert value(metrics, "tether_server_calls_total", code="OK", **SERVER) == 1
+
+
+async def test_a_call_slower_than_every_bound_counts_only_in_inf(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    metrics = Metrics()
+    now = [100.0]
+    monkeypatch.setattr("tether.metrics.time.perf_counter", lambda: now[0])
+
+    async def slow(request: Any) -> Any:
+        now[0] += 30.0
+        return request
+
+    await serve(slow, metrics)
+    bucket = "tether_server_call_seconds_bucket"
+    assert value(metrics, bucket, le="10.0", **SERVER) == 0
+    assert value(metrics, bucket, le="+Inf", **SERVER) == 1

@@ -196,6 +196,24 @@ def test_a_parent_decides_sampling_whatever_the_ratio(flags: str, recorded: bool
     assert format(trace.get_current_span(ctx).get_span_context().trace_id, "032x") == TRACE
 
 
+@pytest.mark.parametrize("flags", ["00", None])
+def test_an_unsampled_call_has_one_set_of_ids_whoever_asks(flags: str | None) -> None:
+    """Unsampled spans make their ids when first asked; every later reader, in any thread,
+    gets the same ones, under the caller's trace when there is a caller."""
+    tracing = memory_tracing(InMemorySpanExporter(), "shop", ratio=0.0)
+    metadata = () if flags is None else (("traceparent", f"00-{TRACE}-{SPAN}-{flags}"),)
+    span, _ = tracing.server_context(CALL.replace(metadata=metadata))
+    assert not span.is_recording()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        seen = list(pool.map(lambda _: span.get_span_context(), range(16)))
+    context = seen[0]
+    assert all(other is context for other in seen)
+    assert context.is_valid and not context.trace_flags.sampled
+    assert context.span_id != int(SPAN, 16)
+    if flags is not None:
+        assert format(context.trace_id, "032x") == TRACE
+
+
 @pytest.mark.parametrize(("ratio", "recorded"), [(1.0, True), (0.0, False)])
 def test_new_traces_are_sampled_at_the_ratio(ratio: float, recorded: bool) -> None:
     exporter = InMemorySpanExporter()
