@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import dataclasses
 import enum
 import functools
 import time
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -132,18 +131,25 @@ def current_call() -> CallContext | None:
     return _current.get()
 
 
-@contextlib.contextmanager
-def use_call(ctx: CallContext) -> Iterator[CallContext]:
+class use_call:  # noqa: N801 - used as a function: ``with use_call(ctx):``
     """Make ``ctx`` the current call for the body of the ``with`` block.
 
     A middleware that changes the context (adds metadata, tightens the deadline) binds the new
-    value around its call to the next handler, so everything inside sees it.
+    value around its call to the next handler, so everything inside sees it. A class, not a
+    generator-based context manager: it runs on every call's path, several times.
     """
-    token = _current.set(ctx)
-    try:
-        yield ctx
-    finally:
-        _current.reset(token)
+
+    __slots__ = ("_ctx", "_token")
+
+    def __init__(self, ctx: CallContext) -> None:
+        self._ctx = ctx
+
+    def __enter__(self) -> CallContext:
+        self._token = _current.set(self._ctx)
+        return self._ctx
+
+    def __exit__(self, *exc: object) -> None:
+        _current.reset(self._token)
 
 
 _T = TypeVar("_T")

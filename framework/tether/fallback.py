@@ -19,12 +19,11 @@ the method's policy lists in ``fallback_codes``; the caller can tell from the
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import sys
 import time
 import typing
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeAlias, TypeVar
@@ -514,14 +513,23 @@ _trailers: ContextVar[list[tuple[str, str]] | None] = ContextVar(
 )
 
 
-@contextlib.contextmanager
-def collect_trailers(sink: list[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
-    """Within the block, trailers the client chain adds go to ``sink`` (for the call adapter)."""
-    token = _trailers.set(sink)
-    try:
-        yield sink
-    finally:
-        _trailers.reset(token)
+class collect_trailers:  # noqa: N801 - used as a function: ``with collect_trailers(sink):``
+    """Within the block, trailers the client chain adds go to ``sink`` (for the call adapter).
+
+    A class, not a generator-based context manager: every outbound call enters it.
+    """
+
+    __slots__ = ("_sink", "_token")
+
+    def __init__(self, sink: list[tuple[str, str]]) -> None:
+        self._sink = sink
+
+    def __enter__(self) -> list[tuple[str, str]]:
+        self._token = _trailers.set(self._sink)
+        return self._sink
+
+    def __exit__(self, *exc: object) -> None:
+        _trailers.reset(self._token)
 
 
 async def degraded(call: _Trailers) -> str | None:
