@@ -33,12 +33,19 @@ from tether.metrics import Metrics, MetricsEndpoint, observe_server, serve_metri
 from tether.middleware import Middleware
 from tether.recovery import recover
 from tether.registry import Instance, Registry, registry_from_config
+from tether.tls import ClientTls, client_tls, server_credentials
 from tether.tracing import Tracing, trace_server
 from tether.workers import registered_instance_id, serve_in_workers
 
 __all__ = ["App", "Hook", "default_server_middleware"]
 
 _log = get_logger("tether.app")
+
+#: Largest inbound metadata (headers) a server accepts, as gRPC counts it: name + value + 32
+#: bytes per entry. gRPC's own defaults refuse a call at random between a soft limit (8 KiB)
+#: and a hard one (16 KiB); both are set to 16 KiB so the outcome is decided by size alone:
+#: at or under, served; over, RESOURCE_EXHAUSTED before any tether code runs.
+MAX_METADATA_BYTES = 16 * 1024
 
 _Stub = TypeVar("_Stub")
 
@@ -183,6 +190,10 @@ class App:
             "after_stop": [],
         }
         self._server: grpc.aio.Server | None = None
+        # TLS material, read from its files once (see _load_tls); "" keys client.tls itself.
+        self._tls_loaded = False
+        self._server_credentials: grpc.ServerCredentials | None = None
+        self._client_tls: dict[str, ClientTls | None] = {}
         self._interceptor: ChainServerInterceptor | None = None
         self._port: int | None = None
         self._stopping: asyncio.Task[None] | None = None
@@ -294,16 +305,41 @@ class App:
                         )
                     ]
                 )
+            tls = self._tls_of(service)
             channel = dial(
                 f"discovery:///{service}",
                 discovery=self.registry,
                 config=self.config.client,
+                options=() if tls is None else tls.options,
+                credentials=None if tls is None else tls.credentials,
                 fallbacks=self.fallbacks,
                 metrics=self.metrics,
                 tracing=self.tracing,
             )
             self._clients[service] = channel
         return channel if stub is None else stub(channel)
+
+    def _tls_of(self, service: str) -> ClientTls | None:
+        """The TLS of calls to ``service`` (``client.tls`` unless it has an override), read once."""
+        policy = self.config.client.services.get(service)
+        key = service if policy is not None and policy.tls is not None else ""
+        if key not in self._client_tls:
+            field = f"client.services.{key}.tls" if key else "client.tls"
+            self._client_tls[key] = client_tls(self.config.client.tls_for(key or None), field=field)
+        return self._client_tls[key]
+
+    def _load_tls(self) -> None:
+        """Read and check every TLS file the configuration names, once per process.
+
+        Raises:
+            ConfigError: a file cannot be read, is not PEM, or a key is not its certificate's.
+        """
+        if self._tls_loaded:
+            return
+        self._server_credentials = server_credentials(self.config.server.tls)
+        for service in ("", *self.config.client.services):
+            self._tls_of(service)
+        self._tls_loaded = True
 
     # ----------------------------------------------------------------- running
 
@@ -334,20 +370,23 @@ class App:
 
         Raises:
             ConfigError: the configured address (or, with metrics enabled, the metrics
-                address) cannot be bound, or a fallback does not match its method's output
-                type.
+                address) cannot be bound, a fallback does not match its method's output
+                type, or a TLS file (``server.tls``, ``client.tls``) cannot be used.
         """
         if self._server is not None:
             raise RuntimeError("the app has already started")
         cfg = self.config.server
         await self._run_hooks("before_start")
         self.fallbacks.check()
+        self._load_tls()
         self._interceptor = interceptor = ChainServerInterceptor(self.middleware)
         server = grpc.aio.server(
             interceptors=[interceptor],
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+                ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
                 # Off, so a port in use fails the bind; on for server.workers, which share it.
                 ("grpc.so_reuseport", 1 if cfg.workers > 1 else 0),
             ],
@@ -378,7 +417,11 @@ class App:
             self._metrics_endpoint = self._serve_metrics(self.metrics)
         try:
             try:
-                port = server.add_insecure_port(address)
+                port = (
+                    server.add_insecure_port(address)
+                    if self._server_credentials is None
+                    else server.add_secure_port(address, self._server_credentials)
+                )
             except RuntimeError as exc:  # newer grpcio raises; older ones return 0
                 raise unbindable from exc
             if port == 0:
@@ -398,6 +441,7 @@ class App:
             address=f"{cfg.host}:{port}",
             services=self.services,
             instance_id=self.instance_id,
+            tls=_tls_mode(cfg),
         )
         await self._run_hooks("after_start")
         await self._register()
@@ -564,6 +608,7 @@ class App:
             # The process's own spans (opentelemetry.trace.get_tracer) join this pipeline.
             trace.set_tracer_provider(self.tracing.provider)
         try:
+            self._load_tls()  # before any worker starts: a bad file is refused once, here
             status = serve_in_workers(self)  # None: this process serves
             if status is not None:
                 raise SystemExit(status)
@@ -605,6 +650,13 @@ def advertised_host(server: ServerConfig) -> str:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
         return "127.0.0.1"
+
+
+def _tls_mode(server: ServerConfig) -> str:
+    """How the port is served, for the "serving" log line: plaintext, tls or mtls."""
+    if not server.tls.enabled:
+        return "plaintext"
+    return "mtls" if server.tls.client_auth == "require" else "tls"
 
 
 def _new_instance_id(service: str) -> str:

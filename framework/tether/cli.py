@@ -68,6 +68,8 @@ def _cmd_proto(args: argparse.Namespace) -> int:
 def _cmd_instances(args: argparse.Namespace) -> int:
     import asyncio
 
+    import grpc
+
     from tether.errors import RegistryUnavailable
     from tether.registry import EtcdRegistry
 
@@ -84,6 +86,14 @@ def _cmd_instances(args: argparse.Namespace) -> int:
         rows = asyncio.run(read())
     except RegistryUnavailable as exc:
         print(f"tether instances: {exc}", file=sys.stderr)
+        return 1
+    except grpc.aio.AioRpcError as exc:  # a refusal: wrong password, no read permission
+        who = f"user {registry.username!r}" if registry.username else "no user"
+        print(
+            f"tether instances: etcd refused reading {registry.prefix}/ as {who}: "
+            f"{exc.code().name}: {exc.details()}",
+            file=sys.stderr,
+        )
         return 1
     if args.json:
         for instance, ttl in rows:

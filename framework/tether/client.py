@@ -17,6 +17,7 @@ from tether.metrics import Metrics, observe_client
 from tether.middleware import Middleware
 from tether.registry.base import Discovery
 from tether.retry import RetryHook, retry
+from tether.tls import client_tls
 from tether.tracing import SpanEvents, Tracing, trace_client
 
 __all__ = ["default_client_middleware", "dial"]
@@ -143,7 +144,8 @@ def dial(
             omitted.
         middleware: the client chain; :func:`default_client_middleware` if omitted.
         options: extra gRPC channel options for every connection.
-        credentials: TLS credentials; insecure connections if omitted.
+        credentials: TLS credentials; if omitted, ``config.tls_for(service)`` decides
+            (``client.tls`` and the dependency's override, files read now), else plaintext.
         fallbacks: code fallbacks for the default chain (proto-declared ones always apply).
         metrics: records the default chain's calls and governance (see
             :func:`default_client_middleware`) and the instances known, under the dependency's
@@ -157,10 +159,19 @@ def dial(
 
     Raises:
         ValueError: the target is empty, or is ``discovery:///`` without ``discovery``.
+        ConfigError: a TLS file of ``config`` cannot be used.
     """
     cfg = config or ClientConfig()
     if service is None and target.startswith(DISCOVERY_SCHEME):
         service = target[len(DISCOVERY_SCHEME) :]
+    if credentials is None:
+        policy = cfg.services.get(service) if service else None
+        overridden = policy is not None and policy.tls is not None
+        field = f"client.services.{service}.tls" if overridden else "client.tls"
+        tls = client_tls(cfg.tls_for(service), field=field)
+        if tls is not None:
+            credentials = tls.credentials
+            options = (*tls.options, *options)
     chain = (
         default_client_middleware(cfg, service, fallbacks, metrics, tracing)
         if middleware is None

@@ -48,15 +48,22 @@ from tether.config_problems import (
     relevant_env,
     show,
 )
+from tether.config_tls import (
+    ClientTlsConfig,
+    ServerTlsConfig,
+    merge_client_tls,
+)
 from tether.errors import ConfigError, ConfigProblem
 
 __all__ = [
     "ClientConfig",
+    "ClientTlsConfig",
     "LoggingConfig",
     "MetricsConfig",
     "RegistryConfig",
     "RetryConfig",
     "ServerConfig",
+    "ServerTlsConfig",
     "ServiceConfig",
     "TetherConfig",
     "TlsConfig",
@@ -74,6 +81,10 @@ def _parse_endpoint(endpoint: str) -> tuple[str, int]:
     """Split ``host:port`` (IPv6 as ``[::1]:2379``) into its host and port, or raise ValueError."""
     if "://" in endpoint:
         raise ValueError("must be host:port without a scheme, e.g. 127.0.0.1:2379")
+    if "@" in endpoint:
+        raise ValueError(
+            "must be host:port without credentials; set registry.username and registry.password"
+        )
     if endpoint.startswith("["):
         host, sep, port = endpoint[1:].partition("]:")
     else:
@@ -173,6 +184,13 @@ class ServerConfig(BaseModel):
         description=(
             "Admission control per method: concurrent calls and calls per second, refused "
             "with RESOURCE_EXHAUSTED and a retry delay; no limits by default."
+        ),
+    )
+    tls: ServerTlsConfig = Field(
+        default_factory=ServerTlsConfig,
+        description=(
+            "TLS of the port (health and reflection included); mutual TLS with client_auth: "
+            "require. Plaintext by default."
         ),
     )
 
@@ -320,6 +338,13 @@ class ClientConfig(BaseModel):
             "discovery:///name, or dial(..., service=name) for a fixed address."
         ),
     )
+    tls: ClientTlsConfig = Field(
+        default_factory=ClientTlsConfig,
+        description=(
+            "TLS of outbound calls (client.services.<name>.tls overrides it per dependency); "
+            "plaintext by default."
+        ),
+    )
 
     @field_validator("idempotent_methods", mode="before")
     @classmethod
@@ -338,9 +363,19 @@ class ClientConfig(BaseModel):
         for name in self.services:
             try:
                 self.resolver(name).check()
+                self.tls_for(name)
             except ValidationError as exc:
                 raise ValueError(f"services.{name}: {first_problem(exc)}") from None
         return self
+
+    def tls_for(self, service: str | None) -> ClientTlsConfig:
+        """The TLS settings of calls to dependency ``service``: ``tls`` with its overrides.
+
+        Raises:
+            pydantic.ValidationError: the merged settings break a rule (checked at load).
+        """
+        policy = self.services.get(service) if service else None
+        return merge_client_tls(self.tls, policy.tls if policy is not None else None)
 
     def resolver(self, service: str | None) -> PolicyResolver:
         """The policies of the methods of dependency ``service`` (its overrides applied; the
@@ -388,6 +423,12 @@ class TracingConfig(BaseModel):
     def _check_endpoint(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        if "@" in value.partition("://")[2].partition("/")[0]:
+            # The endpoint is printed (tether config) and logged; headers are kept secret.
+            raise ValueError(
+                "must not hold credentials (user:password@host): send them in "
+                "tracing.headers, which are kept secret"
+            )
         return value
 
 

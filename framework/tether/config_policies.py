@@ -24,6 +24,8 @@ from pydantic import (
 )
 from pydantic_settings import NoDecode
 
+from tether.config_tls import ClientTlsOverride
+
 __all__ = [
     "BreakerConfig",
     "CallPolicy",
@@ -268,6 +270,9 @@ class ServicePolicy(MethodPolicy):
     """Overrides for one dependency (by the name it is dialled with), and for its methods."""
 
     limiter: LimiterConfig | None = Field(default=None, description="The dependency's limiter.")
+    tls: ClientTlsOverride | None = Field(
+        default=None, description="TLS to this dependency; the fields given replace client.tls's."
+    )
     methods: dict[MethodPattern, MethodPolicy] = Field(
         default_factory=dict,
         description="Per-method overrides: 'package.Service/Method' or 'package.Service/*'.",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from types import UnionType
 from typing import Annotated, Any, TypeGuard, Union, get_args, get_origin
@@ -22,6 +23,9 @@ ENV_PREFIX = "TETHER_"
 ENV_DELIMITER = "__"
 MAX_SHOWN = 80
 _MASK = "**********"
+# The user-info part of an address (``http://user:password@host``, ``user:pw@host:2379``): an
+# address refused for another reason must not show the credentials it carries.
+_USERINFO = re.compile(r"""(?<=['"/\s\[,(])[^\s/@'"\[\],()]+@""")
 DNS_LABEL = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"
 _PATTERN_RULES = {
     DNS_LABEL: (
@@ -171,8 +175,9 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
 
 
 def show(value: object) -> str:
-    """repr() of a value, cut to MAX_SHOWN characters so bad input is never echoed whole."""
-    text = repr(value)
+    """repr() of a value, cut to MAX_SHOWN characters so bad input is never echoed whole, and
+    with the credentials of any ``user:password@host`` address masked."""
+    text = _USERINFO.sub(_MASK + "@", repr(value))
     return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
 
 

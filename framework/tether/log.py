@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 from collections.abc import Mapping, MutableMapping
@@ -42,6 +43,11 @@ _MAX_VALUE = 1024
 _DEPTH = 4
 # Fields later processors turn into text themselves (a traceback is not user data).
 _RENDERED_LATER = frozenset({"exc_info", "stack_info"})
+# Tracebacks name files, lines and functions, never the frames' local variables: those hold
+# passwords, tokens, keys and whole requests, and structlog (like rich) shows them by default.
+_JSON_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
 
 
 def _is_sensitive(key: object) -> bool:
@@ -153,10 +159,12 @@ def configure_logging(
         redact_sensitive,
     ]
     if fmt == "console":
-        processors.append(structlog.dev.ConsoleRenderer(colors=False))
+        processors.append(
+            structlog.dev.ConsoleRenderer(colors=False, exception_formatter=_console_tracebacks())
+        )
         factory: Any = structlog.WriteLoggerFactory(file=out)
     else:
-        processors.append(structlog.processors.dict_tracebacks)
+        processors.append(_JSON_TRACEBACKS)
         binary: Any = getattr(out, "buffer", None)
         if binary is not None:  # a real file: orjson's bytes go straight to it
             processors.append(structlog.processors.JSONRenderer(serializer=_orjson_bytes))
@@ -172,6 +180,13 @@ def configure_logging(
     )
     # Libraries that log through the standard library (grpc, etcd3) stay quiet below WARNING.
     logging.basicConfig(level=max(_LEVELS[level], logging.WARNING), stream=sys.stderr)
+
+
+def _console_tracebacks() -> Any:
+    """A traceback formatter for people that shows no local variables (see _JSON_TRACEBACKS)."""
+    if importlib.util.find_spec("rich") is not None:
+        return structlog.dev.RichTracebackFormatter(show_locals=False)
+    return structlog.dev.plain_traceback
 
 
 def get_logger(name: str | None = None) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ import httpx
 import pytest
 from echo.v1 import echo_pb2, echo_pb2_grpc
 from support.processes import json_lines, spawn_echo
+from support.tls import make_pki
 
 from tether.config import RegistryConfig, load_config
 from tether.errors import ConfigError
@@ -64,13 +66,14 @@ class Group:
         workers: int = 2,
         registry: str = "{backend: none}",
         metrics: str = "{enabled: false}",
+        tls: str = "{}",
     ) -> Group:
         """Start the parent; return at once (see :meth:`wait_serving`)."""
         config = directory / f"{group_id}.yaml"
         config.write_text(
             f"service: {{name: echo, instance_id: {group_id}}}\n"
             f"server: {{host: 127.0.0.1, port: {port}, workers: {workers}, "
-            "drain_seconds: 0.2, grace_seconds: 10}\n"
+            f"drain_seconds: 0.2, grace_seconds: 10, tls: {tls}}}\n"
             f"registry: {registry}\n"
             f"metrics: {metrics}\n"
             "logging: {format: json}\n"
@@ -135,9 +138,15 @@ async def groups() -> AsyncIterator[list[Group]]:
             await group.kill()
 
 
-async def answering_instance(target: str) -> str:
-    """Which worker answers one Say call on a new connection."""
-    async with grpc.aio.insecure_channel(target, options=_OWN_CONNECTION) as channel:
+async def answering_instance(
+    target: str, credentials: grpc.ChannelCredentials | None = None
+) -> str:
+    """Which worker answers one Say call on a new connection (over TLS with ``credentials``)."""
+    async with (
+        grpc.aio.insecure_channel(target, options=_OWN_CONNECTION)
+        if credentials is None
+        else grpc.aio.secure_channel(target, credentials, options=_OWN_CONNECTION)
+    ) as channel:
         reply = await echo_pb2_grpc.EchoStub(channel).Say(
             echo_pb2.SayRequest(text="hi"), timeout=WAIT
         )
@@ -318,6 +327,44 @@ async def test_port_in_use_refused_before_any_worker(
     groups.append(group)
     assert await group.wait_exit() == 2
     assert f"server.port={listening_port}: cannot bind" in group.log_path.read_text()
+    assert not group.lines("worker started")
+
+
+async def test_every_worker_serves_tls_on_the_shared_port(
+    tmp_path: Path, groups: list[Group]
+) -> None:
+    """server.tls applies to each worker: both answer over TLS, neither answers plaintext."""
+    pki = make_pki(tmp_path / "pki")
+    port = free_port()
+    tls = json.dumps(pki.server_tls())
+    group = await Group.start(tmp_path, "echo-t", port=port, tls=tls)
+    groups.append(group)
+    await group.wait_serving()
+    assert {line["tls"] for line in group.lines("serving")} == {"tls"}
+    credentials = grpc.ssl_channel_credentials(pki.ca_file.read_bytes())
+    seen: set[str] = set()
+    for _ in range(64):  # all 64 on one worker: odds of 2**-63
+        seen.add(await answering_instance(f"127.0.0.1:{port}", credentials))
+        if len(seen) == 2:
+            break
+    assert seen == {"echo-t-w0", "echo-t-w1"}
+    with pytest.raises(grpc.aio.AioRpcError) as plaintext:
+        await answering_instance(f"127.0.0.1:{port}")
+    assert plaintext.value.code() is grpc.StatusCode.UNAVAILABLE
+    group.proc.send_signal(signal.SIGTERM)
+    assert await group.wait_exit() == 0
+
+
+async def test_unusable_tls_refused_before_any_worker(tmp_path: Path, groups: list[Group]) -> None:
+    """A TLS file that cannot be read stops the parent (exit 2, field and path) before it
+    starts any worker, rather than every worker failing alike."""
+    missing = tmp_path / "missing.crt"
+    tls = json.dumps({"cert_file": str(missing), "key_file": str(missing)})
+    group = await Group.start(tmp_path, "echo-b", port=free_port(), tls=tls)
+    groups.append(group)
+    assert await group.wait_exit() == 2
+    output = group.log_path.read_text()
+    assert f"server.tls.cert_file='{missing}': cannot be read: No such file" in output
     assert not group.lines("worker started")
 
 

@@ -455,6 +455,16 @@ def test_the_image_runs_as_a_numeric_non_root_user(final_stage: list[tuple[str, 
     assert not gid or gid.isdigit(), user
 
 
+def test_the_final_stage_never_runs_as_root(final_stage: list[tuple[str, str]]) -> None:
+    """Every USER of the runtime stage is the UID its useradd creates (not just the last), and
+    nothing in it switches user again (su, sudo, gosu, setpriv)."""
+    [created] = re.findall(r"useradd [^&]*--uid (\d+)", " ".join(arguments_of(final_stage, "RUN")))
+    users = [user.split(":")[0] for user in arguments_of(final_stage, "USER")]
+    assert users and set(users) == {created} and created != "0", users
+    commands = " ".join(args for _, args in final_stage)
+    assert not re.search(r"\b(su|sudo|gosu|setpriv|su-exec)\b", commands)
+
+
 def test_the_image_starts_python_in_exec_form(final_stage: list[tuple[str, str]]) -> None:
     """ENTRYPOINT is a JSON list, so SIGTERM reaches Python rather than a shell."""
     entrypoint = json.loads(arguments_of(final_stage, "ENTRYPOINT")[-1])

@@ -222,7 +222,7 @@ def test_unknown_key_refused_naming_allowed_keys(tmp_path: Path) -> None:
     assert problem.field == "server.prot"
     assert problem.rule == (
         "unknown field; allowed: admission, advertise_host, drain_seconds, grace_seconds, "
-        "host, max_concurrent_rpcs, max_message_bytes, port, reflection, workers"
+        "host, max_concurrent_rpcs, max_message_bytes, port, reflection, tls, workers"
     )
 
 

@@ -50,10 +50,13 @@ PUBLIC = [
 ]
 
 TESTING = [
+    "CertFiles",
+    "CertificateAuthority",
     "EtcdCluster",
     "EtcdNotFound",
     "EtcdServer",
     "EtcdStartError",
+    "IssuedCertificate",
     "OtlpSink",
     "ReceivedSpan",
     "TcpProxy",

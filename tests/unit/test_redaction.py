@@ -68,3 +68,25 @@ def test_tracebacks_still_render() -> None:
     finally:
         structlog.reset_defaults()
     assert "ValueError" in out.getvalue()
+
+
+def _raise_with_secret_locals() -> None:
+    password = "hunter2-local"  # noqa: F841 (read by the traceback, if it showed locals)
+    raise ValueError("boom")
+
+
+def test_tracebacks_show_no_local_variables() -> None:
+    """A logged traceback names files and lines, never the frames' variables (a password, a
+    request), in JSON and console formats alike."""
+    for fmt in ("json", "console"):
+        out = io.StringIO()
+        configure_logging("info", fmt, stream=out)
+        try:
+            try:
+                _raise_with_secret_locals()
+            except ValueError:
+                get_logger("t").exception("failed")
+        finally:
+            structlog.reset_defaults()
+        assert "_raise_with_secret_locals" in out.getvalue(), fmt
+        assert "hunter2-local" not in out.getvalue(), fmt

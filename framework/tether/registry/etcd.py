@@ -18,7 +18,8 @@ from tether.context import detached_task
 from tether.errors import RegistryUnavailable
 from tether.log import get_logger
 from tether.registry.base import Instance, InstanceWatch, Watcher, sorted_instances
-from tether.registry.etcd_client import EtcdConnection, TlsFiles, prefix_end
+from tether.registry.etcd_client import EtcdConnection, prefix_end
+from tether.tls import channel_credentials
 
 __all__ = ["Backoff", "EtcdRegistry"]
 
@@ -75,12 +76,20 @@ class _StateLog:
         self._fields = fields
         self._on_change = on_change
 
-    def enter(self, state: str, message: str | None, *, warn: bool = False, **fields: Any) -> None:
+    def enter(
+        self,
+        state: str,
+        message: str | None,
+        *,
+        warn: bool = False,
+        severe: bool = False,
+        **fields: Any,
+    ) -> None:
         if state == self.state:
             return
         self.state = state
         if message is not None:
-            log = _log.warning if warn else _log.info
+            log = _log.error if severe else _log.warning if warn else _log.info
             log(message, **self._fields, **fields)
         if self._on_change is not None:
             try:
@@ -101,6 +110,10 @@ class EtcdRegistry:
     Args:
         config: the registry section of the service's configuration.
         connection: an :class:`EtcdConnection` to use instead of one built from ``config``.
+
+    Raises:
+        ConfigError: a file of ``registry.tls`` cannot be read, is not PEM, or its key is not
+            its certificate's.
     """
 
     def __init__(self, config: RegistryConfig, *, connection: EtcdConnection | None = None) -> None:
@@ -110,8 +123,13 @@ class EtcdRegistry:
             config.addresses,
             username=config.username,
             password=config.password.get_secret_value() if config.password else None,
-            tls=(
-                TlsFiles(tls.ca_file, tls.cert_file, tls.key_file)
+            credentials=(
+                channel_credentials(
+                    ca_file=tls.ca_file,
+                    cert_file=tls.cert_file,
+                    key_file=tls.key_file,
+                    field="registry.tls",
+                )
                 if tls.ca_file or tls.cert_file
                 else None
             ),
@@ -154,10 +172,14 @@ class EtcdRegistry:
             try:
                 await asyncio.wait_for(registration.registered.wait(), self.config.ttl_seconds)
             except TimeoutError:
+                refusal = registration.refusal
                 await self.deregister(instance)
+                why = (
+                    f"; etcd refused: {refusal} on {self.key(instance).decode()}" if refusal else ""
+                )
                 raise RegistryUnavailable(
                     f"could not register in etcd within {self.config.ttl_seconds} s "
-                    f"at {', '.join(self._conn.endpoints)} (registry.required is true)"
+                    f"at {', '.join(self._conn.endpoints)} (registry.required is true{why})"
                 ) from None
         else:
             await registration.first_attempt.wait()
@@ -251,6 +273,9 @@ class _Registration:
         self._key = key
         self._value = instance.to_json()
         self._ttl = config.ttl_seconds
+        self._user = config.username
+        #: Why etcd refused the last attempt (permission denied...), or None.
+        self.refusal: str | None = None
         self._lease: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._state = _StateLog(
@@ -294,12 +319,25 @@ class _Registration:
             try:
                 await self._step()
             except (RegistryUnavailable, grpc.aio.AioRpcError) as exc:
-                self._state.enter(
-                    "unreachable",
-                    "registry unreachable; retrying until it answers",
-                    warn=True,
-                    error=_brief(exc),
-                )
+                reason = _refusal(exc)
+                self.refusal = reason
+                if reason is not None:
+                    # Who we are, not where etcd is: say so, once, with what to grant.
+                    self._state.enter(
+                        "refused",
+                        "registration refused by etcd; retrying",
+                        severe=True,
+                        reason=reason,
+                        key_prefix=self._key[: self._key.rfind(b"/") + 1].decode(),
+                        user=self._user,
+                    )
+                else:
+                    self._state.enter(
+                        "unreachable",
+                        "registry unreachable; retrying until it answers",
+                        warn=True,
+                        error=_brief(exc),
+                    )
             except Exception as exc:  # never give up: a bug here must not unregister us for good
                 self._state.enter(
                     "failing", "registration failed; retrying", warn=True, error=_brief(exc)
@@ -307,6 +345,7 @@ class _Registration:
                 _log.exception("registration loop error", instance_id=self.instance.id)
             else:
                 healthy = True
+                self.refusal = None
                 backoff.reset()
                 continue
             healthy = False
@@ -367,6 +406,26 @@ class _Registration:
             service=self.instance.service,
             instance_id=self.instance.id,
         )
+
+
+# What etcd answers when it refuses the caller rather than being away: a missing permission
+# (PERMISSION_DENIED), a wrong password (INVALID_ARGUMENT "authentication failed"), a user given
+# to an etcd without auth (FAILED_PRECONDITION "authentication is not enabled").
+_REFUSALS = frozenset(
+    {
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    }
+)
+
+
+def _refusal(exc: BaseException) -> str | None:
+    """etcd's reason when it refused the request for who sent it, else None."""
+    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _REFUSALS:
+        details = exc.details() or exc.code().name
+        return details.removeprefix("etcdserver: ")[:200]
+    return None
 
 
 def _brief(exc: BaseException) -> str:
@@ -461,12 +520,21 @@ class _PrefixFollower:
                 backoff.reset()
                 await self._follow(revision + 1)
             except (RegistryUnavailable, grpc.aio.AioRpcError) as exc:
-                self._state.enter(
-                    "unreachable",
-                    "registry unreachable; keeping the last known instances",
-                    warn=True,
-                    error=_brief(exc),
-                )
+                reason = _refusal(exc)
+                if reason is not None:
+                    self._state.enter(
+                        "refused",
+                        "discovery refused by etcd; keeping the last known instances",
+                        severe=True,
+                        reason=reason,
+                    )
+                else:
+                    self._state.enter(
+                        "unreachable",
+                        "registry unreachable; keeping the last known instances",
+                        warn=True,
+                        error=_brief(exc),
+                    )
             except Exception as exc:  # keep following: the cache must not freeze on a bug
                 self._state.enter(
                     "failing", "discovery failed; retrying", warn=True, error=_brief(exc)

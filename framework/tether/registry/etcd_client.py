@@ -116,6 +116,8 @@ class EtcdConnection:
         username: etcd user; with ``password``, every call carries an auth token.
         password: the user's password.
         tls: PEM files; plaintext when omitted.
+        credentials: channel credentials already made (read once by :mod:`tether.tls`);
+            used when ``tls`` is omitted.
         timeout: seconds allowed to each unary call.
     """
 
@@ -126,11 +128,13 @@ class EtcdConnection:
         username: str | None = None,
         password: str | None = None,
         tls: TlsFiles | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
         timeout: float = CALL_TIMEOUT,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
-        credentials = tls.credentials() if tls is not None else None
+        if tls is not None:
+            credentials = tls.credentials()
         self._endpoints = [
             _Endpoint(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", credentials)
             for host, port in endpoints
