@@ -9,10 +9,16 @@ from typing import Any
 
 from tether.config_policies import PolicyResolver
 from tether.context import current_call, use_call
-from tether.errors import DeadlineExceeded
+from tether.errors import DeadlineExceeded, InvalidArgument
 from tether.middleware import Handler, Middleware
 
-__all__ = ["bound_deadline", "enforce_deadline"]
+__all__ = ["MAX_TIMEOUT_SECONDS", "bound_deadline", "enforce_deadline"]
+
+#: Longest deadline a call is given, in seconds from now (about three years): a caller's longer
+#: timeout, ``float("inf")`` included, is cut to it. grpc fails a call whose deadline it cannot
+#: represent (10**10 s away already) at once with DEADLINE_EXCEEDED, which the breaker would
+#: count against a dependency that never saw the call.
+MAX_TIMEOUT_SECONDS = 1e8
 
 
 # --------------------------------------------------------------------------- client side
@@ -29,7 +35,9 @@ def bound_deadline(
     A call the caller gave no timeout gets its method's ``timeout_seconds`` (response streams
     excepted: they are often open-ended). Inside a server handler, the outbound deadline is at
     most the inbound one minus ``margin``, so the answer can still travel back in time. A
-    call whose deadline has already passed is refused locally and never sent.
+    call whose deadline has already passed is refused locally and never sent; one further
+    away than :data:`MAX_TIMEOUT_SECONDS` is cut to that, and a NaN timeout is refused
+    locally with INVALID_ARGUMENT.
 
     Args:
         resolver: the dependency's policies (per-method timeouts).
@@ -47,6 +55,8 @@ def bound_deadline(
                 return await handler(request)
             now = clock()
             deadline = ctx.deadline
+            if deadline is not None and deadline != deadline:  # NaN: not a number of seconds
+                raise InvalidArgument(f"the timeout of {ctx.method.full} is not a number")
             if deadline is None and not ctx.response_streaming:
                 deadline = now + resolver.policy(ctx.method.path).timeout_seconds
             parent = ctx.parent
@@ -57,6 +67,8 @@ def bound_deadline(
             if deadline is not None and deadline <= now:
                 where = " (the inbound call's deadline is spent)" if inherited else ""
                 raise DeadlineExceeded(f"deadline passed before {ctx.method.full} was sent{where}")
+            if deadline is not None and deadline - now > MAX_TIMEOUT_SECONDS:
+                deadline = now + MAX_TIMEOUT_SECONDS
             if deadline == ctx.deadline:
                 return await handler(request)
             with use_call(ctx.replace(deadline=deadline)):

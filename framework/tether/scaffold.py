@@ -8,12 +8,15 @@ works from an installed wheel.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 __all__ = ["TEMPLATE", "new_service", "run_dev"]
 
@@ -37,6 +40,37 @@ def _parse_data(pairs: Sequence[str]) -> dict[str, Any]:
             raise ScaffoldError(f"--data expects key=value, got {pair!r}")
         data[key.strip()] = value
     return data
+
+
+#: Answers Copier reads as booleans (anything else it would take as true, silently).
+_BOOLEANS = frozenset({"y", "yes", "t", "true", "on", "1", "n", "no", "f", "false", "off", "0"})
+#: Longest part of a refused answer quoted back.
+_SHOWN = 60
+
+
+def _shown(value: str) -> str:
+    return repr(value if len(value) <= _SHOWN else value[:_SHOWN] + "...")
+
+
+def _check_answer_types(answers: Mapping[str, Any]) -> None:
+    """Refuse an answer to an int or bool question of the bundled template that is not one.
+
+    Copier would refuse a bad int with Python's own message, which names neither the question
+    nor what is allowed, and take any unknown word as ``true``.
+    """
+    questions = yaml.safe_load((TEMPLATE / "copier.yml").read_text(encoding="utf-8"))
+    for key, value in answers.items():
+        question = questions.get(key) if isinstance(questions, dict) else None
+        kind = question.get("type") if isinstance(question, dict) else None
+        if not isinstance(value, str) or kind not in ("int", "bool"):
+            continue
+        if kind == "bool" and value.strip().lower() not in _BOOLEANS:
+            rule = "must be yes or no (also true/false, on/off, 1/0)"
+        elif kind == "int" and not re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            rule = "must be a whole number"
+        else:
+            continue
+        raise ScaffoldError(f"Validation error for question {key!r}: {rule} (got {_shown(value)})")
 
 
 def _checkout() -> Path | None:
@@ -82,6 +116,8 @@ def new_service(
 
     answers = dict(data) if isinstance(data, Mapping) else _parse_data(data)
     answers["service_name"] = name
+    if template is None:
+        _check_answer_types(answers)
     checkout = _checkout()
     if template is None and checkout is not None:
         # Running from a checkout: the service should use this tether, not a release.
@@ -107,6 +143,8 @@ def new_service(
         )
     except (ValueError, copier.errors.CopierError) as exc:  # refused answers, bad template
         raise ScaffoldError(str(exc).strip()) from None
+    except OSError as exc:  # the destination cannot be written, a name the system refuses
+        raise ScaffoldError(f"rendering failed: {exc.strerror or type(exc).__name__}") from None
     except KeyboardInterrupt:
         raise ScaffoldError("interrupted; nothing was kept") from None
     return dst

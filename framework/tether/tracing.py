@@ -31,7 +31,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -164,12 +164,15 @@ class _UnsampledSpan(NonRecordingSpan):
         return f"_UnsampledSpan({self.get_span_context()!r})"
 
 
-def parse_traceparent(traceparent: str, tracestate: str | None = None) -> SpanContext | None:
+def parse_traceparent(
+    traceparent: str, tracestate: str | Sequence[str] | None = None
+) -> SpanContext | None:
     """The remote span context of a W3C ``traceparent`` (and ``tracestate``), or None.
 
     Follows OpenTelemetry's TraceContext propagator: a header that is too long, malformed, of
     version ``ff``, with zero ids, or of version ``00`` with extra fields yields None (the call
-    starts a new trace); a ``tracestate`` that is too long or malformed is dropped.
+    starts a new trace); a ``tracestate`` that is too long or malformed is dropped. Several
+    ``tracestate`` headers (a sequence) are one list, as RFC 9110 combines repeated fields.
     """
     if len(traceparent) > _MAX_TRACEPARENT:
         return None
@@ -183,8 +186,11 @@ def parse_traceparent(traceparent: str, tracestate: str | None = None) -> SpanCo
     if not trace_id or not span_id:
         return None
     state = None
-    if tracestate and len(tracestate) <= _MAX_TRACESTATE:
-        state = TraceState.from_header([tracestate])
+    if tracestate:
+        headers = [tracestate] if isinstance(tracestate, str) else list(tracestate)
+        # The length OpenTelemetry checks: the headers joined with commas.
+        if sum(map(len, headers)) + len(headers) - 1 <= _MAX_TRACESTATE:
+            state = TraceState.from_header(headers)
     return SpanContext(
         trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(flags, 16)), trace_state=state
     )
@@ -274,14 +280,18 @@ class _Propagation:
 
 
 def _extract_w3c(metadata: Iterable[tuple[str, Any]]) -> Context:
-    traceparent = tracestate = header = None
+    traceparent = header = None
+    tracestate: list[str] | None = None  # every tracestate header: together, one list
     for key, value in metadata:
         if not isinstance(value, str):
             continue
         if key == "traceparent" and traceparent is None:
             traceparent = value
-        elif key == "tracestate" and tracestate is None:
-            tracestate = value
+        elif key == "tracestate":
+            if tracestate is None:
+                tracestate = [value]
+            else:
+                tracestate.append(value)
         elif key == "baggage" and header is None:
             header = value
     ctx = _EMPTY
