@@ -47,6 +47,13 @@ _log = get_logger("tether.app")
 #: at or under, served; over, RESOURCE_EXHAUSTED before any tether code runs.
 MAX_METADATA_BYTES = 16 * 1024
 
+#: Least time a stopping server refuses new calls before ``server.stop()`` (within the grace
+#: period). A caller that cannot see the instance leave (cut off from the registry, or dialling
+#: a fixed address) learns it from a refusal, which tether clients send again elsewhere and
+#: which takes the instance out of their rotation; calls that race ``server.stop()`` itself
+#: are cancelled by grpc-core, and nothing tells a client whether those ran.
+_REFUSE_SECONDS = 0.1
+
 _Stub = TypeVar("_Stub")
 
 #: A fallback function, as :meth:`App.fallback` declares it.
@@ -123,9 +130,9 @@ class App:
     Shutdown (SIGTERM, SIGINT, or :meth:`stop`): health NOT_SERVING, the instance deregisters
     (watchers see it leave at once), ``before_stop`` hooks, ``server.drain_seconds`` of drain so
     callers route away, new calls refused with UNAVAILABLE while in-flight ones finish within
-    ``server.grace_seconds``, ``server.stop()``, ``after_stop`` hooks, the registry closes, and
-    the spans still buffered are exported. A second SIGINT (Ctrl-C) skips what is left of the
-    drain and grace period; a repeated SIGTERM is ignored.
+    ``server.grace_seconds`` (and for at least 0.1 s of it), ``server.stop()``, ``after_stop``
+    hooks, the registry closes, and the spans still buffered are exported. A second SIGINT
+    (Ctrl-C) skips what is left of the drain and grace period; a repeated SIGTERM is ignored.
 
     Args:
         config: the service's configuration; loaded with :func:`tether.load_config` if omitted.
@@ -542,6 +549,10 @@ class App:
             await asyncio.wait((idle, hurry), timeout=grace, return_when=asyncio.FIRST_COMPLETED)
             idle.cancel()
             hurry.cancel()
+            refusing = min(_REFUSE_SECONDS, grace) - (asyncio.get_running_loop().time() - started)
+            if refusing > 0 and not self._hurry.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hurry.wait(), refusing)
         left = (
             0.0
             if self._hurry.is_set()

@@ -32,7 +32,7 @@ from tether.calls import Invocation, MethodSpec, make_multicallable, method_spec
 from tether.config import ClientConfig
 from tether.context import CallContext, Metadata, Side, _current, detached_task
 from tether.errors import DeadlineExceeded, RemoteError, TetherError, Unavailable
-from tether.interceptors import EXEMPT_SERVICES
+from tether.interceptors import EXEMPT_SERVICES, UNPROCESSED_TRAILER
 from tether.log import get_logger
 from tether.middleware import Handler, Middleware, chain
 from tether.registry.base import DEFAULT_WEIGHT, Discovery, WatchClosed, Watcher
@@ -69,16 +69,16 @@ def _remote_error(subchannel: Subchannel, exc: AioRpcError) -> RemoteError:
     """Map a failed attempt into the chain, ejecting the subchannel on UNAVAILABLE."""
     code = exc.code()
     details = exc.details() or ""
+    trailers = tuple(cast(Metadata, exc.trailing_metadata() or ()))
     sent = True
     if code is _UNAVAILABLE:
         subchannel.eject()
-        sent = not details.startswith(_NOT_SENT_PREFIXES)
-    return RemoteError(
-        code,
-        details,
-        trailing_metadata=tuple(cast(Metadata, exc.trailing_metadata() or ())),
-        sent=sent,
-    )
+        # Never connected, or refused by a tether server shutting down before any handler ran.
+        sent = not (
+            details.startswith(_NOT_SENT_PREFIXES)
+            or any(key == UNPROCESSED_TRAILER for key, _ in trailers)
+        )
+    return RemoteError(code, details, trailing_metadata=trailers, sent=sent)
 
 
 async def _relay(call: Any, subchannel: Subchannel) -> AsyncIterator[Any]:

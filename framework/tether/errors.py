@@ -210,8 +210,9 @@ class RemoteError(StatusError):
         message: the status details.
         details: rich error details, as for :class:`StatusError`.
         trailing_metadata: the trailers the peer sent (``grpc-retry-pushback-ms`` among them).
-        sent: False when the attempt is known never to have reached a server (the connection
-            could not be made), so retrying it cannot repeat a side effect.
+        sent: False when the attempt is known never to have reached a server's handlers (the
+            connection could not be made, or a server shutting down refused it), so retrying
+            it cannot repeat a side effect.
     """
 
     def __init__(

@@ -22,10 +22,10 @@ import grpc
 from grpc_status import rpc_status
 
 from tether.context import CallContext, MethodName, Side, _current
-from tether.errors import StatusError
+from tether.errors import Internal, StatusError
 from tether.middleware import Handler, Middleware, chain
 
-__all__ = ["EXEMPT_SERVICES", "ChainServerInterceptor"]
+__all__ = ["EXEMPT_SERVICES", "UNPROCESSED_TRAILER", "ChainServerInterceptor"]
 
 #: Infrastructure services served without the chain: probes and tooling are not traffic.
 EXEMPT_SERVICES = frozenset(
@@ -61,6 +61,11 @@ class _HandlerAbort(StatusError):
 
 
 # --------------------------------------------------------------------------- server side
+
+
+async def _refuse_unparsable(request: Any) -> Any:
+    """The terminal for request bytes that do not parse (the chain sees the raw bytes)."""
+    raise Internal("the request message could not be parsed")
 
 
 def _server_terminal(behavior: Callable[..., Any], response_streaming: bool) -> Handler:
@@ -137,8 +142,17 @@ def _server_context(
     )
 
 
+#: Trailer of a call refused before any handler ran (the server is shutting down): the request
+#: was not processed, so a tether client may send it again elsewhere, whatever the method.
+UNPROCESSED_TRAILER = "tether-unprocessed"
+
+
 async def _refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+    await context.abort(
+        grpc.StatusCode.UNAVAILABLE,
+        "server is shutting down",
+        trailing_metadata=((UNPROCESSED_TRAILER, "shutting-down"),),
+    )
 
 
 # Request bytes are not decoded: a refused call costs nothing but the status.
@@ -234,9 +248,21 @@ class ChainServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
         )
         assert behavior is not None, f"{name} has no behavior for its call shape"
         wrapped = self._wrap(_server_terminal(behavior, ss))
+        # A single request is parsed here rather than by grpc, so corrupt bytes get a clean
+        # INTERNAL (gRPC's code for a request that does not parse) through the chain, seen by
+        # metrics, access log and span; grpc would answer UNKNOWN naming the exception, and
+        # log a traceback per call where tether never sees it.
+        parse = None if rs else handler.request_deserializer
+        refusal: list[Handler] = []  # the chain that refuses such bytes, made when first needed
+
+        def unparsable() -> Handler:
+            if not refusal:
+                refusal.append(self._wrap(_refuse_unparsable))
+            return refusal[0]
+
         enter, leave = self._enter, self._leave
         serializers = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": handler.request_deserializer if rs else None,
             "response_serializer": handler.response_serializer,
         }
 
@@ -248,6 +274,11 @@ class ChainServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
                 _servicer_context.set(context)
                 enter()
                 try:
+                    if parse is not None:
+                        try:
+                            request = parse(request)
+                        except Exception:
+                            return await unparsable()(request)
                     return await wrapped(request)
                 except StatusError as err:
                     await _abort_with(context, err)
@@ -266,6 +297,11 @@ class ChainServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
             _servicer_context.set(context)
             enter()
             try:
+                if parse is not None:
+                    try:
+                        request = parse(request)
+                    except Exception:
+                        await unparsable()(request)
                 stream = await wrapped(request)
                 async for item in stream:
                     yield item

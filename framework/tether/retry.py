@@ -7,12 +7,13 @@ another attempt. :class:`RetryThrottler` is the algorithm: a token bucket that o
 An attempt is retried when its status is retryable, the method is idempotent (the proto says
 ``idempotency_level = IDEMPOTENT`` or ``NO_SIDE_EFFECTS``, or configuration lists it), the
 throttle has tokens, the server did not push back with "do not retry", attempts remain and the
-backoff ends before the deadline. An attempt that never reached a server (``RemoteError.sent``
-is False: the connection could not be made) is retried at once for any method, as gRPC's own
-transparent retries are: it cannot have had a side effect, and it put no load on a server, so
-it neither drains the throttle nor waits out a backoff. It still counts against
-``max_attempts``, so a call tries a bounded number of instances. Which instance the next attempt
-goes to is the balancer's business: it avoids the addresses this call already tried.
+backoff ends before the deadline. An attempt that never reached a server's handlers
+(``RemoteError.sent`` is False: the connection could not be made, or a server shutting down
+refused it) is retried at once for any method, as gRPC's own transparent retries are: it
+cannot have had a side effect, and it put no load on a server, so it neither drains the
+throttle nor waits out a backoff. It still counts against ``max_attempts``, so a call tries
+a bounded number of instances. Which instance the next attempt goes to is the balancer's
+business: it avoids the addresses this call already tried.
 
 Only unary-request, unary-response calls are retried: a streamed request cannot be replayed.
 grpcio's own retries stay off on tether subchannels (``grpc.enable_retries=0``), so attempts
@@ -68,7 +69,8 @@ class RetryThrottler:
     """gRFC A6 retry throttling: failures drain a token bucket, successes refill it.
 
     Retries are allowed while more than half the tokens are left, so when most calls fail a
-    client stops multiplying the load on a struggling service. One throttler serves one target.
+    client stops multiplying the load on a struggling service. One throttler serves one target;
+    the retry middleware counts only the calls it may retry.
 
     Args:
         max_tokens: size of the bucket, which starts full.
@@ -265,7 +267,10 @@ def retry(
                     if err.sent:
                         pushback = server_pushback(err.trailing_metadata)
                         code = err.code.name
-                        if code in retryable or pushback == math.inf:
+                        # Only calls that may be retried move the bucket, as in grpc-core
+                        # (a method without a retry policy never touches it): failures of
+                        # calls that are never retried must not starve those that are.
+                        if repeatable and (code in retryable or pushback == math.inf):
                             bucket.record_failure()
                         if (
                             code not in retryable
@@ -294,7 +299,8 @@ def retry(
                     if on_retry is not None:
                         on_retry(ctx.method, attempt, err.code.name)
                     continue
-                bucket.record_success()
+                if repeatable:
+                    bucket.record_success()
                 return response
 
         return retrying

@@ -24,6 +24,7 @@ import tether
 from tether.balancer import Endpoint, RoundRobinBalancer, candidates
 from tether.channel import Channel
 from tether.config import ClientConfig
+from tether.interceptors import ChainServerInterceptor
 from tether.registry.base import Instance, InstanceWatch, Watcher
 from tether.registry.memory import MemoryRegistry
 from tether.testing import eventually, loopback_config, running
@@ -405,6 +406,75 @@ async def test_unsent_non_idempotent_call_is_retried_elsewhere() -> None:
     assert reply.text == "once"
     assert reply.seen["instance"] == "live"
     assert reply.seen["grpc-previous-rpc-attempts"] == "1"
+
+
+async def test_call_refused_by_a_stopping_server_is_retried_elsewhere() -> None:
+    """A call a server shutting down refused before any handler ran goes to another instance,
+    idempotent or not."""
+    refusing = ChainServerInterceptor([])
+    refusing.refuse_new_calls()  # as App.stop() does once the drain is over
+    stopping = grpc.aio.server(interceptors=[refusing])
+    echo_pb2_grpc.add_EchoServicer_to_server(EchoServicer("stopping"), stopping)
+    address = f"127.0.0.1:{stopping.add_insecure_port('127.0.0.1:0')}"
+    await stopping.start()
+    try:
+        async with node("live") as live:
+            live.servicer.release.set()  # Hold answers at once
+            config = ClientConfig()
+            async with Channel(
+                f"{address},{live.address}",
+                config=config,
+                middleware=tether.default_client_middleware(config),
+                balancer=First(address),
+            ) as channel:
+                reply = await echo_pb2_grpc.EchoStub(channel).Hold(Req(text="once"), timeout=WAIT)
+                assert channel.subchannels[address].ejected
+    finally:
+        await stopping.stop(None)
+    assert reply.seen["instance"] == "live"
+    assert reply.seen["grpc-previous-rpc-attempts"] == "1"
+
+
+async def test_an_instance_stopping_unseen_costs_no_call() -> None:
+    """A client that cannot see an instance leave (a fixed address list) keeps calling it while
+    it stops: no call fails, idempotent or not.
+
+    Before server.stop(), the stopping server refuses new calls for a moment; the client sends
+    each refused call again elsewhere and stops picking the instance, so no call races grpc's
+    own shutdown (which cancels them, ran or not). Two rounds: one race rarely goes unseen.
+    """
+    for _ in range(2):
+        outcomes = await _outcomes_while_one_of_two_stops()
+        assert set(outcomes) == {"ok"}, dict(outcomes)
+
+
+async def _outcomes_while_one_of_two_stops() -> Counter[str]:
+    outcomes: Counter[str] = Counter()
+    finished = asyncio.Event()
+    async with node("stays") as stays, node("stops") as stops:
+        stays.servicer.release.set()  # Hold answers at once
+        stops.servicer.release.set()
+        async with tether.dial(f"{stays.address},{stops.address}") as channel:
+            stub = echo_pb2_grpc.EchoStub(channel)
+
+            async def caller(method: Any) -> None:
+                while not finished.is_set():
+                    try:
+                        await method(Req(text="x"), timeout=WAIT)
+                        outcomes["ok"] += 1
+                    except grpc.aio.AioRpcError as exc:
+                        outcomes[f"{exc.code().name}: {exc.details()}"] += 1
+
+            callers = [asyncio.ensure_future(caller(m)) for m in [stub.Say, stub.Hold] * 4]
+            await eventually(lambda: stops.servicer.says > 50, within=WAIT, message="calls")
+            await stops.app.stop(drain=0, grace=WAIT)
+            done = outcomes.total() + 200
+            await eventually(
+                lambda: outcomes.total() >= done, within=WAIT, message="200 more calls"
+            )
+            finished.set()
+            await asyncio.gather(*callers)
+    return outcomes
 
 
 async def test_idempotent_call_is_retried_on_another_instance() -> None:

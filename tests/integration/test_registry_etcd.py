@@ -1,10 +1,13 @@
-"""The etcd registry against a real etcd: register, discover, and survive etcd's faults."""
+"""The etcd registry against a real etcd: register, discover, and survive etcd's faults.
+
+The faults with real service processes under load (etcd down, wiped, its leader killed, a
+partition, compaction while cut off) are scenarios of tests/reliability/test_etcd_faults.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 
 import grpc
@@ -18,9 +21,7 @@ from tether.config import RegistryConfig
 from tether.errors import RegistryUnavailable
 from tether.registry import EtcdRegistry, Instance, MemoryRegistry, Registry
 from tether.testing import (
-    EtcdCluster,
     EtcdServer,
-    TcpProxy,
     eventually,
     loopback_config,
     running,
@@ -175,64 +176,6 @@ async def test_lease_expires_when_renewal_stops(
     assert await asyncio.wait_for(watch.next(), 2 + 2) == []
 
 
-@pytest.mark.parametrize("wipe", [False, True], ids=["same-data", "wiped-data"])
-async def test_etcd_outage_of_30_seconds(etcd: EtcdServer, wipe: bool) -> None:
-    """etcd killed for 30 s: no call fails, and the instance is back in etcd once etcd answers.
-
-    With the same data dir the lease survives (etcd refreshes leases on restart) and renewals
-    resume; with a wiped data dir the instance registers again under a new lease, and clients
-    hold the instances etcd forgot until they are back.
-    """
-    registry = {"backend": "etcd", "endpoints": [etcd.endpoint], "ttl_seconds": 2}
-    app = build_app(loopback_config("echo", registry=registry))
-    discovery = EtcdRegistry(config_for(etcd, ttl_seconds=2))
-    outcomes: Counter[str] = Counter()
-    async with running(app), tether.dial("discovery:///echo", discovery=discovery) as channel:
-        echo = echo_pb2_grpc.EchoStub(channel)
-
-        async def call_for(seconds: float) -> None:
-            # Steady traffic for a fixed span: the loop ends by itself.
-            until = time.monotonic() + seconds
-            while time.monotonic() < until:
-                try:
-                    await echo.Say(echo_pb2.SayRequest(text="hi"), timeout=2)
-                    outcomes["ok"] += 1
-                except grpc.aio.AioRpcError as exc:
-                    outcomes[exc.code().name] += 1
-                await asyncio.sleep(0.05)
-
-        await call_for(0.5)
-        etcd.kill()
-        await asyncio.gather(call_for(30), _discovery_keeps(discovery, app.instance_id, 30))
-        if wipe:
-            etcd.restart(wipe=True)
-        else:
-            etcd.start()
-        answering = time.monotonic()
-        calling = asyncio.ensure_future(call_for(5))
-        await eventually(
-            lambda: app.instance_id in registered_ids(etcd),
-            within=2 + (2 if wipe else 0),
-            message="instance registered again after etcd returned",
-        )
-        print(f"back in etcd {time.monotonic() - answering:.2f} s after etcd answered")
-        await calling
-        # Renewal resumed: the key outlives two TTLs from now (a deliberate span, not a sync).
-        await asyncio.sleep(2 * 2 + 0.5)
-        assert app.instance_id in registered_ids(etcd), "the lease was not renewed"
-    await discovery.close()
-    print(f"calls: {dict(outcomes)}")
-    assert set(outcomes) == {"ok"}, f"calls failed during the outage: {dict(outcomes)}"
-
-
-async def _discovery_keeps(discovery: EtcdRegistry, instance_id: str, seconds: float) -> None:
-    """While etcd is away, discovery keeps the last known instance: unreachable is not empty."""
-    until = time.monotonic() + seconds
-    while time.monotonic() < until:
-        assert [i.id for i in await discovery.get("echo")] == [instance_id]
-        await asyncio.sleep(0.5)
-
-
 async def test_etcd_down_at_start_up_registers_when_it_answers(etcd: EtcdServer) -> None:
     """A service starts while etcd is down, and registers once it comes up."""
     endpoint = etcd.endpoint
@@ -292,44 +235,6 @@ async def test_username_and_password_are_used(etcd: EtcdServer) -> None:
         await bad.close()
 
 
-async def test_cache_equals_a_fresh_read_after_compaction_while_cut_off(
-    etcd: EtcdServer, registries: tuple[EtcdRegistry, EtcdRegistry]
-) -> None:
-    """Changes and a compaction while the watcher is cut off: afterwards its cache is exact."""
-    service, _ = registries
-    with TcpProxy(etcd.endpoint) as proxy:
-        discovery = EtcdRegistry(RegistryConfig(endpoints=(proxy.address,)))
-        try:
-            watch = discovery.watch("users")
-            assert await asyncio.wait_for(watch.next(), 5) == []
-            await service.register(users(1))
-            await service.register(users(2))
-            await eventually(
-                lambda: len(watch._snapshot or []) == 2,  # type: ignore[attr-defined]
-                within=5,
-                message="both instances watched",
-            )
-            proxy.cut()
-            await service.deregister(users(1))
-            await service.register(users(3))
-            client = etcd.client()
-            try:
-                client.compact(client.put("/unrelated", "x").header.revision)  # past the watcher
-            finally:
-                client.close()
-            # Cut off, the watcher keeps what it knew: unreachable is not "no instances".
-            assert [i.id for i in await discovery.get("users")] == ["users-1", "users-2"]
-            proxy.heal()
-            await eventually(
-                lambda: [i.id for i in watch._snapshot or []] == ["users-2", "users-3"],  # type: ignore[attr-defined]
-                within=5,
-                message="cache caught up after the cut",
-            )
-            assert await discovery.get("users") == await service.get("users")
-        finally:
-            await discovery.close()
-
-
 async def test_watch_from_a_compacted_revision_reads_everything_again(
     etcd: EtcdServer, registries: tuple[EtcdRegistry, EtcdRegistry]
 ) -> None:
@@ -346,39 +251,6 @@ async def test_watch_from_a_compacted_revision_reads_everything_again(
     follower = discovery._follower
     assert follower is not None
     await asyncio.wait_for(follower._follow(start_revision=1), 5)  # returns: compacted
-
-
-async def test_leader_of_three_member_cluster_killed(etcd_cluster: EtcdCluster) -> None:
-    """Registration and watches carry on through the loss of the leader."""
-    leader = etcd_cluster.wait_for_leader()
-    others = [m.endpoint for m in etcd_cluster.members if m is not leader]
-    endpoints = (leader.endpoint, *others)  # both registries start on the leader
-    service = EtcdRegistry(RegistryConfig(endpoints=endpoints, ttl_seconds=2))
-    discovery = EtcdRegistry(RegistryConfig(endpoints=endpoints, ttl_seconds=2))
-    try:
-        watch = discovery.watch("users")
-        assert await asyncio.wait_for(watch.next(), 5) == []
-        await service.register(users(1))
-        assert await asyncio.wait_for(watch.next(), 5) == [users(1)]
-        leader.kill()
-        etcd_cluster.wait_for_leader()
-        await service.register(users(2))
-        assert await asyncio.wait_for(watch.next(), 10) == [users(1), users(2)]
-        # Three TTLs later the first instance is still there: its lease was renewed throughout.
-        until = time.monotonic() + 3 * 2
-        while time.monotonic() < until:
-            snapshot = await discovery.get("users")
-            assert users(1) in snapshot, "the first instance fell out of discovery"
-            await asyncio.sleep(0.2)
-        survivor = etcd_cluster.client()
-        try:
-            keys = {meta.key for _, meta in survivor.get_prefix("/tether/services/users/")}
-        finally:
-            survivor.close()
-        assert keys == {b"/tether/services/users/users-1", b"/tether/services/users/users-2"}
-    finally:
-        await service.close()
-        await discovery.close()
 
 
 async def test_instances_etcd_forgot_are_held_then_dropped_if_not_back(

@@ -255,6 +255,19 @@ async def test_throttling_stops_retries_when_most_calls_fail() -> None:
     assert throttler.allow()  # successes refill the bucket
 
 
+async def test_calls_never_retried_leave_the_throttle_alone() -> None:
+    """Failures and successes of a non-idempotent method cost and give no retry tokens (as
+    grpc-core, whose methods without a retry policy never touch the bucket), so they cannot
+    stop the retries of idempotent calls."""
+    throttler, clock = RetryThrottler(max_tokens=10, token_ratio=0.1), Clock()
+    for _ in range(8):
+        with pytest.raises(RemoteError):
+            await run(Peer(unavailable()), clock, ctx=context(HOLD), throttler=throttler)
+    await run(Peer("ok"), clock, ctx=context(HOLD), throttler=throttler)
+    assert throttler.tokens == 10
+    assert await run(Peer(unavailable(), "ok"), clock, throttler=throttler) == "ok"
+
+
 async def test_pushback_sets_the_delay() -> None:
     """grpc-retry-pushback-ms replaces the backoff; the next backoff starts from the beginning."""
     pushed = unavailable(trailers=[(PUSHBACK_KEY, "250")])
