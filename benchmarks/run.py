@@ -49,6 +49,12 @@ def render(sections: list[Section], info: dict[str, str], quick: bool) -> str:
         f"| {title} | {bar.text} | {bar.measured} | {'yes' if bar.met else '**no**'} |"
         for title, bar in bars
     ]
+    if any(not bar.met for _, bar in bars):
+        lines += [
+            "",
+            "Why a bar is not met, with the profiles behind it and what meeting it would take:",
+            "[docs/performance.md](docs/performance.md).",
+        ]
     for section in sections:
         lines += ["", f"## {section.title}", "", section.method, ""]
         lines.append("| " + " | ".join(section.header) + " |")
