@@ -347,7 +347,10 @@ class _ObservedStream:
     """A response stream whose call is counted once, when the stream ends.
 
     A class rather than an async generator, so a stream dropped unread still counts its call
-    (as CANCELLED) and leaves the in-flight gauge.
+    (as CANCELLED) and leaves the in-flight gauge. That count comes from the finalizer, which
+    the garbage collector may run on another thread; the series' numbers take no lock, so such
+    a count can at worst race one update of the loop's thread (a rare miscount of one, never a
+    deadlock, which a locked metric in a finalizer could cause).
     """
 
     __slots__ = ("_series", "_started", "_stream")
