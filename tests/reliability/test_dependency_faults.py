@@ -29,12 +29,13 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import pytest
 from echo.v1 import echo_pb2, echo_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.figures import Figures
 from support.processes import EchoProcess
 
 import tether
@@ -42,9 +43,6 @@ from tether.codegen import compile_protos
 from tether.config import RegistryConfig
 from tether.registry import EtcdRegistry, Instance
 from tether.testing import EtcdServer, TcpProxy, eventually, loopback_config, running
-
-if TYPE_CHECKING:
-    from reliability.conftest import Figures
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "users"
 GET_USER = "users.v1.Users/GetUser"
@@ -218,7 +216,7 @@ class Call:
 
 
 @dataclass
-class Load:
+class FrontLoad:
     """Paced callers of front, each call's outcome kept; health checked alongside."""
 
     target: str
@@ -250,7 +248,7 @@ class Load:
             await asyncio.sleep(0.05)
 
     @contextlib.asynccontextmanager
-    async def running(self, workers: int = 4) -> AsyncIterator[Load]:
+    async def running(self, workers: int = 4) -> AsyncIterator[FrontLoad]:
         stop = asyncio.Event()
         async with grpc.aio.insecure_channel(self.target) as channel:
             stub = echo_pb2_grpc.EchoStub(channel)
@@ -298,7 +296,7 @@ async def test_a_slow_dependency_leaves_the_caller_fast_and_serving(
         front = await stack.enter_async_context(
             running(front_app(users_code, etcd, timeout=timeout, fail_max=5, reset=reset))
         )
-        load = Load(front.target)
+        load = FrontLoad(front.target)
         async with load.running():
             await eventually(
                 lambda: sum(c.code == "OK" and not c.degraded for c in load.calls) >= 40,
@@ -382,7 +380,7 @@ async def test_a_failing_dependency_opens_the_breaker_and_it_closes_after_healin
         front = await stack.enter_async_context(
             running(front_app(users_code, etcd, timeout=timeout, fail_max=3, reset=reset))
         )
-        load = Load(front.target)
+        load = FrontLoad(front.target)
         async with load.running():
             await eventually(
                 lambda: sum(c.code == "OK" and not c.degraded for c in load.calls) >= 20,

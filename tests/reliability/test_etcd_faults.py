@@ -12,7 +12,8 @@ import asyncio
 import time
 from pathlib import Path
 
-from support.load import Caller, ScenarioFigures
+from support.figures import Figures
+from support.load import Caller
 from support.membership import leases
 from support.processes import EchoFleet, logged_at
 
@@ -46,7 +47,7 @@ async def back_after(
 
 
 async def test_etcd_down_30_seconds_same_data_dir(
-    tmp_path: Path, etcd: EtcdServer, figures: ScenarioFigures
+    tmp_path: Path, etcd: EtcdServer, figures: Figures
 ) -> None:
     """1. etcd killed for 30 s, restarted on its data: no call fails, all renewed within 2 s."""
     outage = 30.0
@@ -92,7 +93,7 @@ async def test_etcd_down_30_seconds_same_data_dir(
 
 
 async def test_etcd_restarted_with_wiped_data_dir(
-    tmp_path: Path, etcd: EtcdServer, figures: ScenarioFigures
+    tmp_path: Path, etcd: EtcdServer, figures: Figures
 ) -> None:
     """2. etcd restarted empty: each instance is back under a new lease within TTL + 2 s."""
     async with asyncio.timeout(60), EchoFleet(tmp_path, ttl_seconds=TTL) as fleet:
@@ -137,7 +138,7 @@ async def _registered_all(endpoint: str) -> bool:
 
 
 async def test_leader_of_three_member_cluster_killed(
-    tmp_path: Path, etcd_cluster: EtcdCluster, figures: ScenarioFigures
+    tmp_path: Path, etcd_cluster: EtcdCluster, figures: Figures
 ) -> None:
     """3. The leader of a 3-member etcd is killed: no instance leaves discovery, no call fails.
 
@@ -181,7 +182,7 @@ async def test_leader_of_three_member_cluster_killed(
 
 
 async def test_partition_then_compaction_while_cut_off(
-    tmp_path: Path, etcd: EtcdServer, figures: ScenarioFigures
+    tmp_path: Path, etcd: EtcdServer, figures: Figures
 ) -> None:
     """7. One service blackholed from etcd past its TTL, then healed; then the client's
     discovery cut off while instances change and etcd compacts: its cache equals a fresh get.
@@ -198,7 +199,7 @@ async def _partition_then_compaction(
     etcd: EtcdServer,
     service_path: TcpProxy,
     client_path: TcpProxy,
-    figures: ScenarioFigures,
+    figures: Figures,
 ) -> None:
     async with asyncio.timeout(90), EchoFleet(tmp_path, ttl_seconds=TTL) as fleet:
         await asyncio.gather(

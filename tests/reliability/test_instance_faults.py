@@ -13,7 +13,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from support.load import Caller, ScenarioFigures
+from support.figures import Figures
+from support.load import Caller
 from support.membership import leases
 from support.processes import EchoFleet
 
@@ -27,7 +28,7 @@ LOAD = {"callers": 4, "hold_callers": 2, "interval": 0.01}
 
 
 async def test_rolling_restart_of_all_three(
-    tmp_path: Path, etcd: EtcdServer, figures: ScenarioFigures
+    tmp_path: Path, etcd: EtcdServer, figures: Figures
 ) -> None:
     """4. Each instance stopped gracefully (SIGTERM) and replaced in turn: no call fails."""
     async with asyncio.timeout(90), EchoFleet(tmp_path, ttl_seconds=TTL) as fleet:
@@ -71,9 +72,7 @@ async def test_rolling_restart_of_all_three(
     assert all(load.by_instance[f"{i}b"] for i in IDS), dict(load.by_instance)
 
 
-async def test_kill_9_of_one_instance(
-    tmp_path: Path, etcd: EtcdServer, figures: ScenarioFigures
-) -> None:
+async def test_kill_9_of_one_instance(tmp_path: Path, etcd: EtcdServer, figures: Figures) -> None:
     """5. One of three SIGKILLed: no idempotent call fails; non-idempotent failures are at
     most the non-idempotent calls in flight at the kill."""
     # A 10 s lease outlives the scenario: traffic moves because the connection failed, not
@@ -124,7 +123,7 @@ async def test_kill_9_of_one_instance(
 
 
 async def test_instance_paused_longer_than_ttl(
-    tmp_path: Path, etcd: EtcdServer, figures: ScenarioFigures
+    tmp_path: Path, etcd: EtcdServer, figures: Figures
 ) -> None:
     """6. One of three SIGSTOPped past its TTL: it leaves discovery, and after SIGCONT it is
     back under a new lease and called again."""

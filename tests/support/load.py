@@ -8,28 +8,19 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 from echo.v1 import echo_pb2, echo_pb2_grpc
 
 import tether
+from support.figures import Figures
 from support.membership import MembershipLog
 from tether.channel import Channel
 from tether.config import RegistryConfig
 from tether.fallback import degraded
 from tether.registry import EtcdRegistry
 from tether.testing import eventually
-
-
-class ScenarioFigures(Protocol):
-    """The reliability suite's ``Figures`` (tests/reliability/conftest.py), as scenarios see it."""
-
-    calls: int
-    failed: int
-    fallback: int
-    instances_lost: int
-    extra: dict[str, float | int | str]
 
 
 class Load:
@@ -135,7 +126,7 @@ class Load:
             message=f"{count} more answers by {instance_id} (so far {dict(self.by_instance)})",
         )
 
-    def record(self, figures: ScenarioFigures) -> None:
+    def record(self, figures: Figures) -> None:
         """Fill in the figures of a scenario: calls, failures, fallbacks and p99 latency."""
         figures.calls = self.total
         figures.failed = self.failed
