@@ -202,3 +202,61 @@ def test_a_target_that_cannot_be_built_exits_2(project: Path, target: str, expec
     done = tether_check(project, "--runtime", target)
     assert done.returncode == 2
     assert expected in done.stderr
+
+
+def test_a_configured_dependency_the_source_never_calls_is_found(project: Path) -> None:
+    """A `client.services` key no app.client()/dial() names (a typo) is TTH205, at its line;
+    one the source calls is not."""
+    (project / "users" / "clients.py").write_text(
+        '"""Outbound clients."""\n\n\ndef inventory(app):\n    return app.client("inventory")\n'
+    )
+    edit(
+        project / "tether.yaml",
+        "  services: {}",
+        "  services:\n    inventory: {timeout_seconds: 1}\n    invntory: {timeout_seconds: 2}\n ",
+    )
+    done = tether_check(project, "--runtime", "users.service:create_app")
+    assert done.returncode == 1, done.stderr
+    line = next(
+        number
+        for number, text in enumerate((project / "tether.yaml").read_text().splitlines(), 1)
+        if text.startswith("    invntory:")
+    )
+    assert done.stdout.splitlines() == [
+        f"tether.yaml:{line}:1: TTH205 client.services.invntory configures a dependency the "
+        "source never calls (it calls: inventory); a typo here applies to nothing",
+        "Found 1 finding.",
+    ]
+
+
+def test_a_dependency_named_by_a_variable_leaves_the_keys_unchecked(project: Path) -> None:
+    """When the source calls a dependency by a name it does not spell out, any key may be
+    called: no TTH205."""
+    (project / "users" / "clients.py").write_text(
+        '"""Outbound clients."""\n\n\ndef stub(app, name):\n    return app.client(name)\n'
+    )
+    edit(project / "tether.yaml", "  services: {}", "  services: {invntory: {timeout_seconds: 2}}")
+    done = tether_check(project, "--runtime", "users.service:create_app")
+    assert (done.returncode, done.stdout) == (0, "All checks passed.\n"), done.stderr
+
+
+def test_runtime_findings_follow_suppressions_and_per_file_ignores(project: Path) -> None:
+    """A `# tether: ignore[TTH202]` on the servicer's class line, or per-file-ignores for its
+    file, silences a runtime finding there."""
+    service = project / "users" / "service.py"
+    edit(service, "async def SetFault(", "async def SetFaultLater(")
+    assert tether_check(project, "--runtime", "users.service:create_app").returncode == 1
+    with (project / "pyproject.toml").open("a") as config:
+        config.write(
+            '\n[tool.tether.check]\nper-file-ignores = { "users/service.py" = ["TTH202"] }\n'
+        )
+    done = tether_check(project, "--runtime", "users.service:create_app")
+    assert (done.returncode, done.stdout) == (0, "All checks passed.\n"), done.stderr
+    edit(project / "pyproject.toml", '"users/service.py" = ["TTH202"]', '"x.py" = ["TTH202"]')
+    edit(
+        service,
+        "class UsersAdminServicer(pb_grpc.UsersAdminServicer):",
+        "class UsersAdminServicer(pb_grpc.UsersAdminServicer):  # tether: ignore[TTH202]",
+    )
+    done = tether_check(project, "--runtime", "users.service:create_app")
+    assert (done.returncode, done.stdout) == (0, "All checks passed.\n"), done.stderr

@@ -129,6 +129,54 @@ def test_a_file_that_does_not_parse_is_reported(
     assert "users/broken.py:1:7: TTH000 cannot parse" in capsys.readouterr().out
 
 
+def test_a_file_that_cannot_be_read_is_a_finding_and_the_others_are_checked(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dangling symlink and a symlink loop are TTH000 naming the path and the reason; the
+    run goes on and the other files' findings are reported."""
+    (project / "users" / "gone.py").symlink_to(project / "nowhere" / "gone.py")
+    (project / "users" / "loop.py").symlink_to(project / "users" / "loop.py")
+    assert main(["check"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (
+        "users/gone.py:1:1: TTH000 cannot read users/gone.py: No such file or directory "
+        f"(a symbolic link to {project / 'nowhere' / 'gone.py'})"
+    )
+    assert out[1].startswith("users/loop.py:1:1: TTH000 cannot read users/loop.py: ")
+    assert [line.split()[1] for line in out[2:4]] == ["TTH006", "TTH003"]
+    assert out[-1] == "Found 4 findings."
+
+
+def test_a_dangling_symlink_named_on_the_command_line_is_a_finding(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A named dangling symlink is read like any file: TTH000, exit 1, not a usage error."""
+    (project / "gone.py").symlink_to(project / "nowhere.py")
+    assert main(["check", "gone.py", "users"]) == 1
+    out = capsys.readouterr().out
+    assert "gone.py:1:1: TTH000 cannot read gone.py: No such file or directory" in out
+    assert "users/service.py:10:9: TTH006" in out
+
+
+def test_files_in_other_encodings_are_read_as_python_reads_them(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A UTF-8 byte order mark and a coding declaration are honoured: the rules run."""
+    (project / "users" / "bom.py").write_bytes(b'\xef\xbb\xbfprint("h\xc3\xa9")\n')
+    (project / "users" / "legacy.py").write_bytes(
+        b'# -*- coding: latin-1 -*-\nprint("h\xe9")  # tether: ignore[TTH003]\nprint(1)\n'
+    )
+    (project / "users" / "service.py").write_text("")
+    assert main(["check"]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "users/bom.py:1:1: TTH003 print() writes without the call's context; "
+        "use tether.get_logger()",
+        "users/legacy.py:3:1: TTH003 print() writes without the call's context; "
+        "use tether.get_logger()",
+        "Found 2 findings.",
+    ]
+
+
 def test_help_lists_every_rule(capsys: pytest.CaptureFixture[str]) -> None:
     """`tether check --help` names every code, the suppression comment and the exit statuses."""
     with pytest.raises(SystemExit):

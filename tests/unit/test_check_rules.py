@@ -33,6 +33,41 @@ def test_a_file_that_does_not_parse_is_a_finding() -> None:
     assert [(f.code, f.line) for f in found] == [("TTH000", 3)]
 
 
+@pytest.mark.parametrize(
+    "source",
+    [
+        b'\xef\xbb\xbfgreeting = "h\xc3\xa9llo"; print(greeting)\n',
+        b'# -*- coding: latin-1 -*-\ngreeting = "h\xe9llo"; print(greeting)\n',
+        '\ufeffgreeting = "h\u00e9llo"; print(greeting)\n',
+    ],
+    ids=["utf8_bom", "latin1_declared", "bom_read_as_text"],
+)
+def test_a_byte_order_mark_and_a_coding_declaration_are_valid_python(source: str | bytes) -> None:
+    """Bytes are decoded as Python decodes them: no TTH000, and the rules (with their columns
+    and suppressions) run on the text."""
+    found = check_source(source)
+    line = 2 if b"coding" in (source if isinstance(source, bytes) else b"") else 1
+    assert [(f.code, f.line, f.column) for f in found] == [("TTH003", line, 21)]
+    if isinstance(source, bytes):
+        silenced = source.replace(b")\n", b")  # tether: ignore[TTH003]\n")
+        assert check_source(silenced) == []
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        (b'x = "\xe9"\n', "cannot parse: (unicode error) 'utf-8' codec can't decode"),
+        (b"# -*- coding: klingon -*-\nx = 1\n", "cannot parse: unknown encoding: klingon"),
+    ],
+    ids=["undeclared_latin1", "unknown_encoding"],
+)
+def test_bytes_python_cannot_decode_are_a_finding(source: bytes, expected: str) -> None:
+    """Text that is not in the file's encoding, or an unknown encoding, is TTH000."""
+    found = check_source(source)
+    assert [f.code for f in found] == ["TTH000"]
+    assert found[0].message.startswith(expected)
+
+
 # --------------------------------------------------------------------------- TTH001
 
 RAW_GRPC_FLAGGED = {
@@ -165,6 +200,56 @@ def test_work_carrying_its_context_is_not_flagged(body: str) -> None:
     assert codes(source) == []
 
 
+def test_threads_started_by_lifecycle_hooks_are_not_flagged() -> None:
+    """An async lifecycle hook (decorated, or passed to the registration) runs at start-up or
+    shutdown, not in a call: no TTH002; an async function under another decorator still serves
+    calls."""
+    source = """
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        import tether
+
+        app = tether.App()
+        refresher = ThreadPoolExecutor(1)
+
+        @app.before_start
+        async def start_refresher(app):
+            threading.Thread(target=refresh_forever, daemon=True).start()
+            refresher.submit(refresh_forever)
+
+        @app.after_stop
+        async def flush(app):
+            await app.loop.run_in_executor(None, flush_files)
+
+        @app.after_start
+        async def start_poller(app):
+            async def poll():
+                refresher.submit(poll_once)
+
+            app.poller = asyncio.create_task(poll())
+
+        async def warm(app):
+            refresher.submit(load_cache)
+
+        class Service:
+            def __init__(self, app):
+                app.before_stop(self.drain)
+                app.after_start(warm)
+
+            async def drain(self, app):
+                threading.Thread(target=drain_queue).start()
+
+        @router.get("/refresh")
+        async def refresh(request):
+            refresher.submit(refresh_forever)
+    """
+    route = textwrap.dedent(source).splitlines().index("async def refresh(request):") + 1
+    assert [(f.code, f.line) for f in check_source(textwrap.dedent(source))] == [
+        ("TTH002", route + 1)
+    ]
+
+
 def test_threads_started_outside_calls_are_not_flagged() -> None:
     """A thread started by start-up code (a sync function, a script's async main) serves the
     process: no TTH002."""
@@ -278,6 +363,11 @@ REQUEST_FLAGGED = {
     "whole_as_a_field": 'log.info("got", request=request)',
     "bound_logger": 'log.bind(peer=peer).info(f"{request}")',
     "exception": 'log.exception(f"failed on {request}")',
+    "message_to_json": "log.info(json_format.MessageToJson(request))",
+    "message_to_dict": 'log.info("got", body=MessageToDict(request))',
+    "message_to_string": 'log.info("got %s", text_format.MessageToString(request))',
+    "serialized": 'log.debug("got", raw=request.SerializeToString())',
+    "serialized_in_f_string": 'log.info(f"got {request.SerializeToString()!r}")',
 }
 
 
@@ -286,6 +376,8 @@ def test_a_whole_request_in_a_log_line_is_flagged(line: str) -> None:
     """Formatting a handler's request into a log call is TTH005."""
     source = f"""
         import tether
+        from google.protobuf import json_format, text_format
+        from google.protobuf.json_format import MessageToDict
         log = tether.get_logger("users")
 
         class Users:
@@ -318,6 +410,8 @@ REQUEST_CLEAN = {
     "other_name": 'log.info(f"reply {reply}")',
     "not_a_logger": 'seen.append(f"{request}")',
     "exc_info": 'log.error("failed", exc_info=request)',
+    "field_as_json": "log.info(json_format.MessageToJson(request.address))",
+    "size_of_serialized": 'log.info("got", size=len(request.SerializeToString()))',
 }
 
 
@@ -326,6 +420,7 @@ def test_request_fields_and_other_values_are_not_flagged(line: str) -> None:
     """Fields as key=value, other variables and non-logger calls: no TTH005."""
     source = f"""
         import tether
+        from google.protobuf import json_format
         log = tether.get_logger("users")
         seen = []
 
@@ -363,6 +458,13 @@ BLOCKING_FLAGGED = {
     "create_connection": "import socket\n    socket.create_connection(('db', 5432))",
     "socket_recv": "import socket\n    sock = socket.socket()\n    sock.recv(1024)",
     "input": "\n    input('continue? ')",
+    "requests_session": "import requests\n    session = requests.Session()\n    session.get(url)",
+    "requests_session_at_once": "import requests\n    requests.Session().post(url, json={})",
+    "httpx_client": "import httpx\n    client = httpx.Client()\n    client.get(url)",
+    "httpx_client_with": "import httpx\n    with httpx.Client() as c:\n        c.stream('GET', u)",
+    "httpx_client_module": "import httpx; client = httpx.Client()\n    client.request('GET', url)",
+    "gethostbyname": "import socket\n    socket.gethostbyname('db')",
+    "getaddrinfo_imported": "from socket import getaddrinfo\n    getaddrinfo('db', 5432)",
 }
 
 
@@ -394,6 +496,36 @@ BLOCKING_CLEAN = {
     "    sock = socket.socket()\n    sock.setblocking(False)\n"
     "    try:\n        sock.connect(addr)\n    except BlockingIOError:\n"
     "        await loop.sock_connect(sock, addr)\n",
+    "async_client": """
+        import httpx, tether.http
+
+        async def f(url):
+            async with httpx.AsyncClient(event_hooks=tether.http.async_httpx_event_hooks()) as c:
+                await c.get(url)
+            client = httpx.AsyncClient(event_hooks=tether.http.async_httpx_event_hooks())
+            await client.post(url)
+    """,
+    "sync_client_in_sync_code": """
+        import httpx, tether.http
+
+        def fetch(url):
+            with httpx.Client(event_hooks=tether.http.httpx_event_hooks()) as c:
+                return c.get(url)
+    """,
+    "name_bound_to_both_kinds": """
+        import httpx, tether.http
+
+        def sync_version(url):
+            client = httpx.Client(event_hooks=tether.http.httpx_event_hooks())
+            return client.get(url)
+
+        async def async_version(url):
+            client = httpx.AsyncClient(event_hooks=tether.http.async_httpx_event_hooks())
+            return await client.get(url)
+    """,
+    "loop_getaddrinfo": "import asyncio\n\nasync def f():\n"
+    "    await asyncio.get_running_loop().getaddrinfo('db', 5432)\n",
+    "a_dict_get": "async def f(cache, key):\n    return cache.get(key)\n",
 }
 
 
@@ -411,8 +543,22 @@ HTTP_FLAGGED = {
     "wrong_kind": "import httpx, tether.http\n"
     "client = httpx.AsyncClient(event_hooks=tether.http.httpx_event_hooks())\n",
     "other_hooks": "import httpx\nclient = httpx.AsyncClient(event_hooks={'request': [log_it]})\n",
-    "requests_session": "import requests\nsession = requests.Session()\n",
-    "aiohttp": "import aiohttp\nsession = aiohttp.ClientSession()\n",
+    "requests_session": "import requests\nsession = requests.Session()\nsession.get(url)\n",
+    "requests_session_at_once": "import requests\nrequests.session().request('GET', url)\n",
+    "aiohttp": "import aiohttp\nsession = aiohttp.ClientSession()\n"
+    "async def f():\n    async with session.post(url, json={}) as reply:\n        pass\n",
+    "aiohttp_with": "import aiohttp\nasync def f():\n"
+    "    async with aiohttp.ClientSession() as s:\n        await s.get(url)\n",
+    "aiohttp_attribute": "import aiohttp\nclass C:\n    def __init__(self):\n"
+    "        self._http = aiohttp.ClientSession()\n"
+    "    async def f(self):\n        await self._http.get(url, headers={'a': 'b'})\n",
+    "aiohttp_annotated": "import aiohttp\n"
+    "async def f(session: aiohttp.ClientSession):\n    await session.get(url)\n",
+    "aiohttp_headers_at_creation": "import aiohttp, tether.http\n"
+    "session = aiohttp.ClientSession(headers=tether.http.inject_headers())\n",
+    "inject_elsewhere_clears_nothing": "import requests, tether.http\n"
+    "session = requests.Session()\nsession.get(url, headers=tether.http.inject_headers())\n"
+    "session.post(url)\n",
     "httpx_function": "import httpx\nreply = httpx.get(url)\n",
     "requests_function": "import requests\n"
     "reply = requests.post(url, json=body, headers={'a': 'b'})\n",
@@ -441,6 +587,19 @@ HTTP_CLEAN = {
     "client = httpx.AsyncClient(event_hooks={'request': [add]})\n",
     "session_with_inject": "import requests\nfrom tether.http import inject_headers\n"
     "session = requests.Session()\nsession.get(url, headers=inject_headers())\n",
+    "session_headers_bound_first": "import requests\nfrom tether.http import inject_headers\n"
+    "session = requests.Session()\nheaders = inject_headers({'accept': 'json'})\n"
+    "session.post(url, headers=headers)\n",
+    "session_kwargs": "import requests\nsession = requests.Session()\n"
+    "session.get(url, **options)\n",
+    "session_made_only": "import aiohttp\nsession = aiohttp.ClientSession()\n",
+    "aiohttp_trace_config": "import aiohttp, tether.http\n"
+    "async def add(session, ctx, params):\n"
+    "    params.headers.update(tether.http.inject_headers())\n"
+    "trace = aiohttp.TraceConfig()\ntrace.on_request_start.append(add)\n"
+    "session = aiohttp.ClientSession(trace_configs=[trace])\n"
+    "async def f():\n    await session.get(url)\n",
+    "not_a_session": "cache = {}\ncache.get(url)\n",
     "function_with_inject": "import httpx, tether.http\n"
     "reply = httpx.get(url, headers=tether.http.inject_headers({'accept': 'json'}))\n",
 }

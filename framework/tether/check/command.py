@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from tether.check.config import load_settings
+from tether.check.config import CheckSettings, load_settings
 from tether.check.rules import Finding, rule
 from tether.check.source import check_paths
+from tether.check.suppress import Suppressions, read_suppressions
 
 __all__ = ["run_check"]
 
@@ -48,6 +49,29 @@ def _write_json(findings: Sequence[Finding], statistics: bool, out: TextIO) -> N
     else:
         document = [f.to_json() for f in findings]
     out.write(json.dumps(document, indent=2) + "\n")
+
+
+def _kept(findings: Sequence[Finding], settings: CheckSettings) -> list[Finding]:
+    """The runtime findings the settings select: the codes checked (``select``, ``ignore``,
+    and ``per-file-ignores`` for the file a finding is in) and not silenced by a suppression
+    comment on its line, in a Python file."""
+    comments: dict[str, Suppressions] = {}
+    kept = []
+    for finding in findings:
+        path = Path(finding.path)
+        if finding.code not in settings.codes_for(path):
+            continue
+        if path.suffix == ".py":
+            if finding.path not in comments:
+                try:
+                    text = path.read_text(encoding="utf-8", errors="replace")
+                except OSError:
+                    text = ""
+                comments[finding.path] = read_suppressions(text)
+            if comments[finding.path].silences(finding.line, finding.code):
+                continue
+        kept.append(finding)
+    return kept
 
 
 def run_check(
@@ -85,14 +109,15 @@ def run_check(
     try:
         findings = check_paths([Path(p) for p in paths], select=select, ignore=ignore)
     except FileNotFoundError as exc:
-        err.write(f"tether check: no such file or directory: {exc.args[0]}\n")
+        missing = exc.filename if exc.filename is not None else exc.args[0]
+        err.write(f"tether check: no such file or directory: {missing}\n")
         return 2
     if runtime is not None:
         from tether.check.runtime import check_app
 
-        codes = load_settings(Path.cwd(), select=select, ignore=ignore).codes
+        settings = load_settings(Path.cwd(), select=select, ignore=ignore)
         try:
-            found = check_app(runtime)
+            found = check_app(runtime, sources=[Path(p) for p in paths])
         except (ValueError, LookupError, TypeError, ImportError) as exc:
             err.write(f"tether check --runtime: {exc}\n")
             return 2
@@ -100,7 +125,7 @@ def run_check(
             err.write(f"tether check --runtime: building {runtime} failed:\n")
             traceback.print_exc(file=err)
             return 2
-        findings = sorted({*findings, *(f for f in found if f.code in codes)})
+        findings = sorted({*findings, *_kept(found, settings)})
     if output_format == "json":
         _write_json(findings, statistics, out)
     else:

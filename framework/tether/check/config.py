@@ -236,19 +236,20 @@ def load_settings(
 
 def iter_python_files(paths: Iterable[Path], settings: CheckSettings) -> Iterator[Path]:
     """The ``.py`` files under ``paths`` that ``settings`` do not exclude, each once, sorted
-    within each path.
+    within each path. A dangling symbolic link is yielded like a file (reading it fails, which
+    the caller reports).
 
     Raises:
-        FileNotFoundError: a path does not exist.
+        FileNotFoundError: a path does not exist (and is not a symbolic link).
     """
     seen: set[Path] = set()
     for path in paths:
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             raise FileNotFoundError(path)
-        if path.is_file():
-            candidates: Iterable[Path] = [path] if not settings.excluded(path) else []
-        else:
-            candidates = _walk(path, settings)
+        if path.is_dir():
+            candidates: Iterable[Path] = _walk(path, settings)
+        else:  # a file, or a dangling symlink: reading it reports why it cannot be read
+            candidates = [path] if not settings.excluded(path) else []
         for candidate in candidates:
             key = candidate.absolute()
             if key not in seen:

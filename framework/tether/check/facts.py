@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import ast
 
-__all__ = ["EMITTERS", "LOGGER_FACTORIES", "ModuleFacts", "is_main_guard", "key_of"]
+__all__ = [
+    "EMITTERS",
+    "LIFECYCLE_HOOKS",
+    "LOGGER_FACTORIES",
+    "ModuleFacts",
+    "is_main_guard",
+    "key_of",
+]
 
 #: Names reachable under two spellings, reduced to one for the rules.
 _ALIASES = {
@@ -35,6 +42,9 @@ EMITTERS = frozenset(
 )
 #: Methods of a structlog logger that return another logger.
 _BINDERS = frozenset({"bind", "new", "unbind", "try_unbind"})
+#: ``App`` methods registering a lifecycle hook: the hooks run at start-up or shutdown, not in a
+#: call, though tether requires them to be ``async def``.
+LIFECYCLE_HOOKS = frozenset({"before_start", "after_start", "before_stop", "after_stop"})
 #: Names that are loggers by convention when nothing in the module says what they are.
 _LOGGER_NAMES = frozenset({"log", "logger"})
 
@@ -79,6 +89,10 @@ class ModuleFacts:
         injects_headers: the module calls ``tether.http.inject_headers``.
         nonblocking: binding keys of sockets the module calls ``setblocking()`` or
             ``settimeout()`` on (made non-blocking for the event loop to drive).
+        traced_sessions: binding keys of sessions made with ``trace_configs=`` (aiohttp's
+            per-request hooks).
+        lifecycle_hooks: names of functions passed to ``app.before_start(fn)`` and the other
+            hook registrations (a method passed as ``self.fn`` by its name, ``fn``).
     """
 
     def __init__(self, tree: ast.Module) -> None:
@@ -89,6 +103,8 @@ class ModuleFacts:
         self.stdlib_loggers_writing: set[int] = set()
         self.injects_headers = False
         self.nonblocking: set[str] = set()
+        self.lifecycle_hooks: set[str] = set()
+        self.traced_sessions: set[str] = set()
         self._collect(tree)
 
     # ----------------------------------------------------------------- names
@@ -179,6 +195,12 @@ class ModuleFacts:
                         key = key_of(func.value)
                         if key is not None:
                             self.nonblocking.add(key)
+                    elif func.attr in LIFECYCLE_HOOKS and len(node.args) == 1:
+                        hook = node.args[0]
+                        if isinstance(hook, ast.Name):
+                            self.lifecycle_hooks.add(hook.id)
+                        elif isinstance(hook, ast.Attribute):
+                            self.lifecycle_hooks.add(hook.attr)
                 elif isinstance(func, ast.Name) and func.id == "inject_headers":
                     injects.append(func)
             elif isinstance(node, ast.Assign):
@@ -231,6 +253,8 @@ class ModuleFacts:
             callee = self.qualify(value.func)
             if callee is not None:
                 self.made_from.setdefault(key, set()).add(callee)
+                if any(kw.arg == "trace_configs" for kw in value.keywords):
+                    self.traced_sessions.add(key)
                 if callee == "logging.getLogger" and key in emitting:
                     self.stdlib_loggers_writing.add(id(value))
             elif isinstance(value.func, ast.Attribute) and value.func.attr in _BINDERS:

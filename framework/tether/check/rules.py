@@ -41,6 +41,7 @@ RULES: tuple[Rule, ...] = (
     Rule("TTH202", "unimplemented-rpc", "an RPC the app serves has no handler"),
     Rule("TTH203", "bad-fallback", "a fallback does not match its method"),
     Rule("TTH204", "unknown-method", "configuration names a method no proto defines"),
+    Rule("TTH205", "unknown-dependency", "configuration names a dependency the source never calls"),
 )
 
 _BY_CODE = {rule.code: rule for rule in RULES}

@@ -10,10 +10,15 @@ registers or calls out, and no lifecycle hook runs. Then:
 - TTH203: every fallback matches its method, as ``App.start()`` would check it;
 - TTH204: every method pattern in the configuration (``client.idempotent_methods``,
   ``client.services.<name>.methods``, ``server.admission.methods``) names a service and method
-  of a proto the app imports, and admission names a service the app serves.
+  of a proto the app imports, and admission names a service the app serves;
+- TTH205: every dependency under ``client.services`` is one the source calls
+  (``app.client("users")``, ``tether.dial("discovery:///users")``, ...; see
+  :mod:`~tether.check.dependencies`), unless the source names one by a value it does not spell
+  out.
 
-A dependency under ``client.services`` is a registry name (``users``), which no proto names,
-so it is checked through its ``methods`` patterns and through the fallbacks declared for it.
+A dependency under ``client.services`` is a registry name (``users``), which no proto names:
+its key is checked against the source (TTH205), its ``methods`` patterns and the fallbacks
+declared for its methods against the protos (TTH204, TTH203).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Any
 from google.protobuf import descriptor_pool
 
 from tether.app import App
+from tether.check.dependencies import dialed_in_paths
 from tether.check.rules import Finding
 from tether.check.source import display_path
 from tether.errors import ConfigError
@@ -216,6 +222,34 @@ def _check_methods(app: App, served: Sequence[str], default: _Location) -> list[
     return findings
 
 
+def _check_dependencies(app: App, called: set[str], default: _Location) -> list[Finding]:
+    """TTH205: each ``client.services`` key against the dependency names the source calls."""
+    file = _config_file()
+    shown = ", ".join(sorted(called)) or "none"
+    return [
+        (_line_of(file, "client:", "services:", f"{name}:") or default).finding(
+            "TTH205",
+            f"client.services.{name} configures a dependency the source never calls "
+            f"(it calls: {shown}); a typo here applies to nothing",
+        )
+        for name in app.config.client.services
+        if name not in called
+    ]
+
+
+def _package_path(module: ModuleType | None) -> Path | None:
+    """The directory of the top-level package holding ``module`` (or its file, for a
+    top-level module)."""
+    if module is None:
+        return None
+    top = sys.modules.get(module.__name__.partition(".")[0])
+    file = getattr(top, "__file__", None)
+    if not file:
+        return None
+    path = Path(file)
+    return path.parent if path.name == "__init__.py" else path
+
+
 def _load(spec: str) -> tuple[ModuleType | None, object, list[Finding]]:
     """Import ``MODULE:ATTR`` and build the app; a refused configuration is a finding."""
     module_name, _, attr = spec.partition(":")
@@ -240,12 +274,14 @@ def _load(spec: str) -> tuple[ModuleType | None, object, list[Finding]]:
     return module, app, []
 
 
-def check_app(spec: str) -> list[Finding]:
+def check_app(spec: str, *, sources: Sequence[Path] = ()) -> list[Finding]:
     """Build the App ``spec`` names and check it (see the module).
 
     Args:
         spec: ``MODULE:ATTRIBUTE`` naming an App, or a function returning one, as for
             ``tether run``.
+        sources: files and directories whose code calls the app's dependencies (the paths
+            checked statically), read for TTH205 with the app's package.
 
     Returns:
         The findings, ordered; paths are the servicer's, fallback's or config file's when
@@ -270,6 +306,11 @@ def check_app(spec: str) -> list[Finding]:
             *_check_fallbacks(app, default),
             *_check_methods(app, served, default),
         ]
+        if app.config.client.services:
+            package = _package_path(module)
+            dialed = dialed_in_paths([*sources, *([package] if package is not None else [])])
+            if not dialed.unknown:
+                findings += _check_dependencies(app, dialed.names, default)
     finally:
         asyncio.run(app.tracing.shutdown())  # the app never started: only tracing holds a thread
     return sorted(set(findings))

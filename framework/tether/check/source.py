@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import io
 import os
+import tokenize
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -34,8 +36,16 @@ def _column(lines: list[str], line: int, offset: int) -> int:
     return len(text.encode("utf-8")[:offset].decode("utf-8", errors="replace")) + 1
 
 
+def _text_of(source: bytes) -> str:
+    """The text of a module's bytes, decoded as Python decodes them: a UTF-8 byte order mark or
+    a ``# -*- coding: ... -*-`` declaration names the encoding, else UTF-8. Called once the
+    parser has accepted the bytes, so the encoding is known and valid."""
+    encoding, _ = tokenize.detect_encoding(io.BytesIO(source).readline)
+    return source.decode(encoding, errors="replace")
+
+
 def check_source(
-    source: str,
+    source: str | bytes,
     path: str = "<source>",
     *,
     codes: frozenset[str] = _EVERY_CODE,
@@ -44,7 +54,8 @@ def check_source(
     """Run the static rules over one module's source.
 
     Args:
-        source: the module's text.
+        source: the module's text, or its bytes as read from the file (decoded as Python
+            decodes them: a byte order mark or a coding declaration names the encoding).
         path: the path findings name.
         codes: the codes to report.
         script: the module is a script run as a whole (its print() calls are its output);
@@ -53,18 +64,22 @@ def check_source(
     Returns:
         The findings, ordered by line and column; suppressed ones left out.
     """
+    if isinstance(source, str):
+        source = source.removeprefix("\ufeff")  # a byte order mark read as text
     try:
         tree = ast.parse(source, filename=path)
-    except SyntaxError as exc:
+    except (SyntaxError, ValueError) as exc:  # ValueError: null bytes, on some Pythons
         if "TTH000" not in codes:
             return []
-        return [
-            Finding(path, exc.lineno or 1, exc.offset or 1, "TTH000", f"cannot parse: {exc.msg}")
-        ]
+        line, column, message = 1, 1, str(exc)
+        if isinstance(exc, SyntaxError):
+            line, column, message = max(exc.lineno or 1, 1), max(exc.offset or 1, 1), exc.msg
+        return [Finding(path, line, column, "TTH000", f"cannot parse: {message}")]
+    text = source if isinstance(source, str) else _text_of(source)
     is_script = os.path.basename(path) == "__main__.py" if script is None else script
     raw = check_tree(tree, script=is_script)
-    suppressions = read_suppressions(source)
-    lines = source.splitlines()
+    suppressions = read_suppressions(text)
+    lines = text.splitlines()
     findings = [
         Finding(path, line, _column(lines, line, offset), code, message)
         for line, offset, code, message in raw
@@ -76,6 +91,13 @@ def check_source(
             for line, column, message in suppressions.problems
         )
     return sorted(set(findings), key=lambda f: (f.line, f.column, f.code, f.message))
+
+
+def _unreadable(file: Path, shown: str, exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    if file.is_symlink() and not file.exists():
+        reason = f"{reason} (a symbolic link to {os.readlink(file)})"
+    return f"cannot read {shown}: {reason}"
 
 
 def check_paths(
@@ -96,7 +118,8 @@ def check_paths(
 
     Raises:
         ConfigError: a pyproject.toml's ``[tool.tether.check]`` or a selector is refused.
-        FileNotFoundError: a path does not exist.
+        FileNotFoundError: a path does not exist. A file found that cannot be read is a
+            finding (TTH000), and the other files are still checked.
     """
     findings: list[Finding] = []
     for path in paths:
@@ -105,13 +128,12 @@ def check_paths(
             codes = settings.codes_for(file)
             if not codes:
                 continue
+            shown = display_path(file)
             try:
-                source = file.read_text(encoding="utf-8")
-            except UnicodeDecodeError as exc:
+                source = file.read_bytes()
+            except OSError as exc:  # a dangling symlink, a file that cannot be read
                 if "TTH000" in codes:
-                    findings.append(
-                        Finding(display_path(file), 1, 1, "TTH000", f"cannot read as UTF-8: {exc}")
-                    )
+                    findings.append(Finding(shown, 1, 1, "TTH000", _unreadable(file, shown, exc)))
                 continue
-            findings.extend(check_source(source, display_path(file), codes=codes))
+            findings.extend(check_source(source, shown, codes=codes))
     return sorted(set(findings))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass
 
-from tether.check.facts import EMITTERS, ModuleFacts, is_main_guard, key_of
+from tether.check.facts import EMITTERS, LIFECYCLE_HOOKS, ModuleFacts, is_main_guard, key_of
 
 __all__ = ["check_tree"]
 
@@ -45,6 +45,17 @@ _BLOCKING = {
     "subprocess.check_output": _SUBPROCESS,
     "os.system": _SUBPROCESS,
     **{
+        f"socket.{resolver}": "use asyncio.get_running_loop().getaddrinfo()"
+        for resolver in (
+            "getaddrinfo",
+            "gethostbyname",
+            "gethostbyname_ex",
+            "gethostbyaddr",
+            "getnameinfo",
+            "getfqdn",
+        )
+    },
+    **{
         f"requests.{verb}": _THREAD_OR_ASYNC
         for verb in ("get", "post", "put", "patch", "delete", "head", "options", "request")
     },
@@ -54,6 +65,15 @@ _SOCKET_MAKERS = frozenset({"socket.socket", "socket.create_connection"})
 _SOCKET_METHODS = frozenset(
     {"accept", "connect", "makefile", "recv", "recv_into", "recvfrom", "send", "sendall"}
 )
+
+#: TTH006: synchronous HTTP clients (their requests block the event loop inside async def), the
+#: asynchronous ones (a name bound to both is left alone), and the methods that send a request.
+_SYNC_HTTP_CLIENTS = frozenset({"requests.Session", "requests.session", "httpx.Client"})
+_ASYNC_HTTP_CLIENTS = frozenset({"httpx.AsyncClient", "aiohttp.ClientSession"})
+_REQUEST_METHODS = frozenset(
+    {"get", "post", "put", "patch", "delete", "head", "options", "request"}
+)
+_SENDING_METHODS = _REQUEST_METHODS | {"send", "stream"}
 
 #: TTH007: HTTP clients, and the tether.http hooks each needs.
 _HTTPX_CLIENTS = {
@@ -81,6 +101,17 @@ _BROAD_QUALIFIED = frozenset(
     }
 )
 
+#: TTH005: what renders a whole protobuf message (as JSON, a dict, text or bytes).
+_SERIALIZERS = frozenset(
+    {
+        "google.protobuf.json_format.MessageToJson",
+        "google.protobuf.json_format.MessageToDict",
+        "google.protobuf.text_format.MessageToString",
+        "google.protobuf.text_format.MessageToBytes",
+    }
+)
+_SERIALIZE_METHODS = frozenset({"SerializeToString", "SerializePartialToString"})
+
 _SHOWN = 40  # characters of an expression a message quotes
 
 
@@ -95,6 +126,7 @@ class _Function:
     request_names: frozenset[str]  # request parameters in scope (this function's and outer)
     params: frozenset[str]
     entry: bool  # part of a script's entry point: print() is its output
+    lifecycle: bool  # a lifecycle hook or a function nested in one (a task it starts)
 
 
 def _shown(node: ast.expr) -> str:
@@ -102,9 +134,10 @@ def _shown(node: ast.expr) -> str:
     return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
 
 
-def _whole(node: ast.expr, names: frozenset[str]) -> str | None:
+def _whole(node: ast.expr, names: frozenset[str], facts: ModuleFacts) -> str | None:
     """The request name ``node`` formats whole (``f"{request}"``, ``"%s" % request``,
-    ``str(request)``, ``request`` itself), or None; ``request.id`` is a field, not the whole."""
+    ``str(request)``, ``MessageToJson(request)``, ``request.SerializeToString()``, ``request``
+    itself), or None; ``request.id`` is a field, not the whole."""
     if isinstance(node, ast.Name):
         return node.id if node.id in names else None
     parts: list[ast.expr] = []
@@ -124,11 +157,20 @@ def _whole(node: ast.expr, names: frozenset[str]) -> str | None:
             isinstance(func, ast.Attribute) and func.attr == "format"
         ):
             parts = [*node.args, *(k.value for k in node.keywords)]
+        elif isinstance(func, ast.Attribute) and func.attr in _SERIALIZE_METHODS:
+            parts = [func.value]
+        elif node.args and facts.qualify(func) in _SERIALIZERS:
+            parts = [node.args[0]]
     for part in parts:
-        found = _whole(part, names)
+        found = _whole(part, names, facts)
         if found is not None:
             return found
     return None
+
+
+def _is_lifecycle_decorator(node: ast.expr) -> bool:
+    """``@app.before_start`` and the other hook registrations (``@self.app.after_stop``)."""
+    return isinstance(node, ast.Attribute) and node.attr in LIFECYCLE_HOOKS
 
 
 def _argument(call: ast.Call, index: int | None, keyword: str | None = None) -> ast.expr | None:
@@ -190,23 +232,31 @@ class _Checker(ast.NodeVisitor):
         # context; any other sync method of that shape is too unsure to treat as a handler.
         handler = rpc_shaped and (is_async or len(positional) == 3)
         entry = not self._containers and node.name in self.facts.main_guard_names
+        # A lifecycle hook (@app.before_start, app.after_stop(fn)) runs at start-up or
+        # shutdown: it serves no call, though tether requires it to be async def.
+        hook = node.name in self.facts.lifecycle_hooks or any(
+            _is_lifecycle_decorator(d) for d in node.decorator_list
+        )
         args = node.args
         for outside in (*node.decorator_list, *args.defaults, *args.kw_defaults):
             if outside is not None:
                 self.visit(outside)
-        self._enter(node.args, is_async=is_async, handler=handler, entry=entry)
+        self._enter(node.args, is_async=is_async, handler=handler, entry=entry, hook=hook)
         for stmt in node.body:
             self.visit(stmt)
         self._functions.pop()
         self._containers.pop()
 
-    def _enter(self, args: ast.arguments, *, is_async: bool, handler: bool, entry: bool) -> None:
+    def _enter(
+        self, args: ast.arguments, *, is_async: bool, handler: bool, entry: bool, hook: bool = False
+    ) -> None:
         positional = [a.arg for a in (*args.posonlyargs, *args.args)]
         params = frozenset(
             [*positional, *(a.arg for a in args.kwonlyargs)]
             + [a.arg for a in (args.vararg, args.kwarg) if a is not None]
         )
         outer = self._functions[-1] if self._functions else None
+        lifecycle = hook or (outer is not None and outer.lifecycle)
         names = set(outer.request_names) if outer is not None else set()
         if handler:
             names.add(positional[1])
@@ -216,13 +266,16 @@ class _Checker(ast.NodeVisitor):
             _Function(
                 is_async=is_async,
                 servicer=handler and is_async,
-                # A script's entry point (an async main()) serves no call.
+                # A script's entry point (an async main()) serves no call, nor does a lifecycle
+                # hook or what it nests (a background task it starts).
                 in_call=(is_async or handler or (outer is not None and outer.in_call))
-                and not entry,
+                and not entry
+                and not lifecycle,
                 context=positional[2] if handler and len(positional) >= 3 else None,
                 request_names=frozenset(names),
                 params=params,
                 entry=entry or (outer is not None and outer.entry),
+                lifecycle=lifecycle,
             )
         )
         self._containers.append("function")
@@ -290,21 +343,20 @@ class _Checker(ast.NodeVisitor):
         if callee in _HTTPX_CLIENTS:
             self._check_httpx(node, callee)
         elif callee in _SESSIONS:
-            if not self.facts.injects_headers:
-                self._add(
-                    node,
-                    "TTH007",
-                    f"{callee}() sends no trace context; pass "
-                    "headers=tether.http.inject_headers() with each request",
-                )
-        elif callee in _HTTP_FUNCTIONS:
             headers = _argument(node, None, "headers")
-            if headers is None or not self._calls(headers, {_INJECT}):
+            if headers is not None and self._calls(headers, {_INJECT}):
                 self._add(
                     node,
                     "TTH007",
-                    f"{callee}() sends no trace context; pass headers=tether.http.inject_headers()",
+                    f"{callee}(headers=...) sends the trace of the moment the session is made; "
+                    "pass headers=tether.http.inject_headers() with each request",
                 )
+        elif callee in _HTTP_FUNCTIONS and not self._injects(node):
+            self._add(
+                node,
+                "TTH007",
+                f"{callee}() sends no trace context; pass headers=tether.http.inject_headers()",
+            )
 
     def _check_method(self, node: ast.Call, func: ast.Attribute) -> None:
         attr = func.attr
@@ -329,6 +381,8 @@ class _Checker(ast.NodeVisitor):
                 f"socket.{attr}() blocks the event loop in async def; "
                 "use asyncio.open_connection()",
             )
+        if attr in _SENDING_METHODS:
+            self._check_request(node, func)
         if attr in EMITTERS:
             self._check_log(node, func)
 
@@ -397,7 +451,7 @@ class _Checker(ast.NodeVisitor):
         values = list(node.args[1:] if func.attr == "log" else node.args)
         values += [kw.value for kw in node.keywords if kw.arg not in ("exc_info", "stack_info")]
         for value in values:
-            name = _whole(value, names)
+            name = _whole(value, names, self.facts)
             if name is not None:
                 self._add(
                     node,
@@ -428,6 +482,52 @@ class _Checker(ast.NodeVisitor):
             "TTH007",
             f"{callee}() sends no trace context; pass event_hooks={wanted}()",
         )
+
+    def _check_request(self, node: ast.Call, func: ast.Attribute) -> None:
+        """TTH006: a request through a synchronous HTTP client inside async def. TTH007: a
+        request through a session (whose headers are fixed when it is made) that does not pass
+        the current trace context."""
+        made = self.facts.made_by(func.value)
+        attr = func.attr
+        if not made:
+            return
+        sync = made & _SYNC_HTTP_CLIENTS
+        if sync and not made & _ASYNC_HTTP_CLIENTS and self._in_async():
+            self._add(
+                node,
+                "TTH006",
+                f"{min(sync)}.{attr}() blocks the event loop in async def; {_THREAD_OR_ASYNC}",
+            )
+        sessions = made & _SESSIONS
+        if (
+            attr in _REQUEST_METHODS
+            and sessions
+            and made <= _SESSIONS
+            and not self._injects(node)
+            and not (self.facts.injects_headers and self._traced(func.value))
+        ):
+            self._add(
+                node,
+                "TTH007",
+                f"{min(sessions)}.{attr}() sends no trace context; "
+                "pass headers=tether.http.inject_headers()",
+            )
+
+    def _injects(self, node: ast.Call) -> bool:
+        """Whether a request call passes ``headers=`` built by inject_headers (or passes
+        ``**kwargs``, which may hold them)."""
+        headers = _argument(node, None, "headers")
+        if headers is None:
+            return any(kw.arg is None for kw in node.keywords)
+        return self._calls(headers, {_INJECT})
+
+    def _traced(self, session: ast.expr) -> bool:
+        """Whether an aiohttp session is made with ``trace_configs=`` (hooks of its own that
+        can add headers to each request)."""
+        if isinstance(session, ast.Call):
+            return any(kw.arg == "trace_configs" for kw in session.keywords)
+        key = key_of(session)
+        return key is not None and key in self.facts.traced_sessions
 
     def _calls(self, node: ast.expr, names: set[str] | frozenset[str]) -> bool:
         """Whether ``node`` calls (or names something made by) one of ``names``."""
