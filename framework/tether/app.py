@@ -404,7 +404,7 @@ class App:
             add_to_server(servicer, recorder)
         self.services = list(dict.fromkeys(recorder.services))  # generated code adds each twice
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        if cfg.reflection:
+        if self.config.serves_reflection:
             reflection.enable_server_reflection(
                 (*self.services, "grpc.health.v1.Health", reflection.SERVICE_NAME), server
             )
@@ -449,6 +449,8 @@ class App:
             services=self.services,
             instance_id=self.instance_id,
             tls=_tls_mode(cfg),
+            environment=self.config.service.environment,
+            reflection=self.config.serves_reflection,
         )
         await self._run_hooks("after_start")
         await self._register()
@@ -612,7 +614,7 @@ class App:
         cfg = self.config
         configure_logging(
             cfg.logging.level,
-            cfg.logging.format,
+            cfg.log_format,
             static={"service": cfg.service.name, "instance_id": self.instance_id},
         )
         if self.tracing.provider is not None:

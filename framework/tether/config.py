@@ -107,6 +107,11 @@ def _check_endpoint(endpoint: str) -> str:
 
 _Endpoint = Annotated[str, AfterValidator(_check_endpoint)]
 
+#: Where a service runs; it decides the defaults of logging.format and server.reflection.
+_Environment = Literal["development", "production"]
+#: How log lines are written: one JSON object per line, or for people.
+_LogFormat = Literal["json", "console"]
+
 
 class ServiceConfig(BaseModel):
     """Who this service is: the name it registers under and what it says about itself."""
@@ -129,6 +134,22 @@ class ServiceConfig(BaseModel):
     metadata: dict[str, str] = Field(
         default_factory=dict, description="Free-form labels published with the instance."
     )
+    environment: _Environment = Field(
+        default="production",
+        description=(
+            "development or production: what logging.format and server.reflection follow when "
+            "left unset (console logs and reflection on in development; JSON logs and "
+            "reflection off in production). `tether dev` runs its command in development."
+        ),
+    )
+
+    @field_validator("environment", mode="before")
+    @classmethod
+    def _lower_environment(cls, value: object) -> object:
+        # Only a known name is lowered, so a refused one is shown as it was written.
+        if isinstance(value, str) and value.lower() in get_args(_Environment):
+            return value.lower()
+        return value
 
 
 class ServerConfig(BaseModel):
@@ -159,7 +180,13 @@ class ServerConfig(BaseModel):
             "host, or this machine's address when host is a wildcard such as 0.0.0.0."
         ),
     )
-    reflection: bool = Field(default=True, description="Serve the gRPC reflection service.")
+    reflection: bool | None = Field(
+        default=None,
+        description=(
+            "Serve the gRPC reflection service (grpcurl lists and describes the services); "
+            "null follows service.environment: on in development, off in production."
+        ),
+    )
     drain_seconds: float = Field(
         default=2.0,
         ge=0,
@@ -443,8 +470,12 @@ class LoggingConfig(BaseModel):
     level: _LogLevel = Field(
         default="info", description="Lowest level logged; any case is accepted."
     )
-    format: Literal["json", "console"] = Field(
-        default="json", description="json for machines, console for people."
+    format: _LogFormat | None = Field(
+        default=None,
+        description=(
+            "json (one object per line) for machines, console for people; null follows "
+            "service.environment: console in development, json in production."
+        ),
     )
     access_log: bool = Field(
         default=False,
@@ -493,6 +524,27 @@ class TetherConfig(BaseSettings):
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="Tracing.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics.")
+
+    @property
+    def development(self) -> bool:
+        """Whether ``service.environment`` is development."""
+        return self.service.environment == "development"
+
+    @property
+    def log_format(self) -> _LogFormat:
+        """``logging.format``, or when unset the environment's: console in development, json
+        in production."""
+        if self.logging.format is not None:
+            return self.logging.format
+        return "console" if self.development else "json"
+
+    @property
+    def serves_reflection(self) -> bool:
+        """``server.reflection``, or when unset the environment's: on in development, off in
+        production."""
+        if self.server.reflection is not None:
+            return self.server.reflection
+        return self.development
 
     @classmethod
     def settings_customise_sources(
@@ -546,10 +598,25 @@ def render_config(config: TetherConfig) -> str:
         config: the configuration to show.
 
     Returns:
-        YAML text, sections in declaration order, every secret replaced by ``**********``.
+        YAML text, sections in declaration order, every secret replaced by ``**********``;
+        an unset ``server.reflection`` or ``logging.format`` is shown as null with what the
+        environment makes of it in a comment (``format: null  # production: json``).
     """
     # JSON mode turns SecretStr into its mask, Path into str and tuples into lists.
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    # Only the field lines of their own sections: a nested key or value may read the same.
+    environment = config.service.environment
+    resolved = {
+        ("server", "  reflection: null"): "on" if config.serves_reflection else "off",
+        ("logging", "  format: null"): config.log_format,
+    }
+    lines, section = [], ""
+    for line in text.splitlines():
+        if not line.startswith(" "):
+            section = line.partition(":")[0]
+        note = resolved.get((section, line))
+        lines.append(f"{line}  # {environment}: {note}" if note else line)
+    return "\n".join(lines) + "\n"
 
 
 def _locate_file(path: str | os.PathLike[str] | None) -> tuple[Path | None, str | None]:

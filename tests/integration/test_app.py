@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from echo.v1 import echo_pb2_grpc
+from echo.v1 import echo_pb2, echo_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from support.echo_service import build_app
@@ -87,20 +87,54 @@ async def _reflected_services(target: str) -> list[str]:
     return []
 
 
-async def test_reflection_lists_services() -> None:
-    """Reflection (on by default) lists the app's services, health and reflection."""
-    async with running(build_app(loopback_config("echo"))) as app:
+def _echo_config(
+    monkeypatch: pytest.MonkeyPatch, environment: str | None, reflection: bool | None
+) -> tether.TetherConfig:
+    """Echo's test config in ``environment`` (None: unset), given as `tether dev` and the
+    image give it, in TETHER_SERVICE__ENVIRONMENT; ``reflection`` None leaves it unset."""
+    if environment is None:
+        monkeypatch.delenv("TETHER_SERVICE__ENVIRONMENT", raising=False)
+    else:
+        monkeypatch.setenv("TETHER_SERVICE__ENVIRONMENT", environment)
+    server = {} if reflection is None else {"reflection": reflection}
+    return loopback_config("echo", server=server)
+
+
+@pytest.mark.parametrize(
+    ("environment", "reflection"),
+    [("development", None), ("production", True), (None, True)],
+    ids=["development-default", "production-switched-on", "unset-switched-on"],
+)
+async def test_reflection_lists_services(
+    monkeypatch: pytest.MonkeyPatch, environment: str | None, reflection: bool | None
+) -> None:
+    """Reflection, on by default in development or switched on, lists the app's services,
+    health and reflection."""
+    async with running(build_app(_echo_config(monkeypatch, environment, reflection))) as app:
         names = await _reflected_services(app.target)
     assert "echo.v1.Echo" in names
     assert "grpc.health.v1.Health" in names
 
 
-async def test_reflection_can_be_turned_off() -> None:
-    """server.reflection: false leaves the reflection service out."""
-    async with running(build_app(loopback_config("echo", server={"reflection": False}))) as app:
+@pytest.mark.parametrize(
+    ("environment", "reflection"),
+    [("production", None), (None, None), ("development", False)],
+    ids=["production-default", "unset-means-production", "development-switched-off"],
+)
+async def test_reflection_is_left_out(
+    monkeypatch: pytest.MonkeyPatch, environment: str | None, reflection: bool | None
+) -> None:
+    """Off by default in production (the default environment), or switched off in development:
+    reflection calls are UNIMPLEMENTED while the app's own service answers."""
+    async with running(build_app(_echo_config(monkeypatch, environment, reflection))) as app:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await _reflected_services(app.target)
+        async with tether.dial(app.target) as channel:
+            reply = await echo_pb2_grpc.EchoStub(channel).Say(
+                echo_pb2.SayRequest(text="hi"), timeout=WAIT
+            )
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert reply.text == "hi"
 
 
 async def test_port_in_use_is_refused_with_config_error() -> None:

@@ -36,7 +36,7 @@ time.sleep(60)
 """
 
 
-def _dev(*args: str) -> subprocess.Popen[str]:
+def _dev(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     # A session of its own, as a shell gives a foreground job: the test can signal the group.
     return subprocess.Popen(
         [sys.executable, "-m", "tether.cli", "dev", "--port", "0", *args],
@@ -44,6 +44,7 @@ def _dev(*args: str) -> subprocess.Popen[str]:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        env=env,
     )
 
 
@@ -139,3 +140,40 @@ def test_without_a_command_it_serves_until_ctrl_c() -> None:
         proc.kill()
     assert proc.returncode == 0, out
     assert not _etcd_answers(endpoint)
+
+
+# Prints the environment it was given, then how tether loads it.
+SHOW_ENVIRONMENT = """
+import os
+import tether
+config = tether.TetherConfig(service={"name": "child"})
+print("variable", os.environ.get("TETHER_SERVICE__ENVIRONMENT"), flush=True)
+print("loaded", config.service.environment, config.log_format, config.serves_reflection)
+"""
+
+
+@pytest.mark.parametrize(
+    ("preset", "expected"),
+    [
+        (None, "development console True"),
+        ("production", "production json False"),
+        ("development", "development console True"),
+    ],
+    ids=["unset", "production-kept", "development-kept"],
+)
+def test_the_command_runs_in_development_unless_told_otherwise(
+    preset: str | None, expected: str
+) -> None:
+    """The command gets TETHER_SERVICE__ENVIRONMENT=development (console logs, reflection on);
+    a value the user already set is passed through untouched."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TETHER_SERVICE__")}
+    if preset is not None:
+        env["TETHER_SERVICE__ENVIRONMENT"] = preset
+    proc = _dev("--", sys.executable, "-c", SHOW_ENVIRONMENT, env=env)
+    try:
+        out = _finish(proc)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert f"variable {expected.split()[0]}" in out.splitlines(), out
+    assert f"loaded {expected}" in out.splitlines(), out

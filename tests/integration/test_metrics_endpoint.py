@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
 import grpc
 import pytest
 from echo.v1 import echo_pb2, echo_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from support.echo_service import build_app
+from support.echo_service import EchoServicer, build_app
 
 import tether
 from tether.registry import MemoryRegistry
@@ -109,6 +110,107 @@ async def test_client_metrics_through_app_client() -> None:
     assert not any(name == "tether_server_calls_total" for name, _ in after)
     assert not any(name == "tether_client_calls_total" for name, _ in served)
     assert sample(served, "tether_server_calls_total", {**SAY, "code": "OK"}) == 1
+
+
+# ------------------------------------------------------------------- governance, real calls
+
+GOVERNANCE = ("tether_retries_total", "tether_fallbacks_total", "tether_limiter_rejections_total")
+
+
+def governance_deltas(before: Samples, after: Samples) -> dict[str, float]:
+    """How much each governance counter moved, summed over its series."""
+    return {
+        name: sum(value for (n, _), value in after.items() if n == name)
+        - sum(value for (n, _), value in before.items() if n == name)
+        for name in GOVERNANCE
+    }
+
+
+@contextlib.asynccontextmanager
+async def echo_and_caller(
+    client: Mapping[str, object], fallback: str | None = None
+) -> AsyncIterator[tuple[EchoServicer, tether.App]]:
+    """Echo as instance "a" (so fail="unavailable:a" fails there) and a caller App with
+    metrics on and ``client`` settings, both on loopback and in one memory registry; with
+    ``fallback``, the caller declares that fixed answer for Say."""
+    registry = MemoryRegistry()
+    servicer = EchoServicer("a")
+    echo_app = build_app(loopback_config("echo"), servicer, registry=registry)
+    caller = tether.App(
+        loopback_config("caller", metrics=METRICS, client=client), registry=registry
+    )
+    if fallback is not None:
+        caller.fallback(SAY["method"], response=fallback)
+    async with running(echo_app), running(caller):
+        yield servicer, caller
+
+
+async def test_a_retry_is_counted() -> None:
+    """A call that fails UNAVAILABLE on its first attempt is sent again: the server sees both
+    attempts, and tether_retries_total moves by exactly one."""
+    client = {"retry": {"max_attempts": 2, "initial_backoff_seconds": 0.001}}
+    async with echo_and_caller(client) as (servicer, caller):
+        echo = caller.client("echo", echo_pb2_grpc.EchoStub)
+        before = await scrape(caller.metrics_port)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await echo.Say(echo_pb2.SayRequest(fail="unavailable:a"), timeout=WAIT)
+        after = await scrape(caller.metrics_port)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert servicer.says == 2
+    assert delta(before, after, "tether_retries_total", target="echo", method=SAY["method"]) == 1
+    assert governance_deltas(before, after) == dict.fromkeys(GOVERNANCE, 0) | {
+        "tether_retries_total": 1
+    }
+
+
+async def test_a_fallback_answer_is_counted_with_its_reason() -> None:
+    """A call the server fails UNAVAILABLE is answered by the declared fallback: the caller gets
+    the fallback's reply, counted once in tether_fallbacks_total with reason UNAVAILABLE."""
+    client = {"retry": {"max_attempts": 1}}
+    async with echo_and_caller(client, fallback='text: "cached"') as (servicer, caller):
+        echo = caller.client("echo", echo_pb2_grpc.EchoStub)
+        before = await scrape(caller.metrics_port)
+        reply = await echo.Say(echo_pb2.SayRequest(fail="unavailable:a"), timeout=WAIT)
+        after = await scrape(caller.metrics_port)
+    assert reply.text == "cached"
+    assert servicer.says == 1
+    labels = {"target": "echo", "method": SAY["method"], "reason": "UNAVAILABLE"}
+    assert delta(before, after, "tether_fallbacks_total", **labels) == 1
+    assert (
+        delta(
+            before,
+            after,
+            "tether_client_calls_total",
+            target="echo",
+            method=SAY["method"],
+            code="OK",
+        )
+        == 1
+    )
+    assert governance_deltas(before, after) == dict.fromkeys(GOVERNANCE, 0) | {
+        "tether_fallbacks_total": 1
+    }
+
+
+async def test_a_limiter_rejection_is_counted() -> None:
+    """With a bucket of one token that does not refill within the test, the second call is
+    refused locally (it never reaches the server) and tether_limiter_rejections_total moves by
+    one."""
+    limiter = {"rate": 0.001, "burst": 1, "max_wait_seconds": 0}
+    client = {"services": {"echo": {"limiter": limiter}}}
+    async with echo_and_caller(client) as (servicer, caller):
+        echo = caller.client("echo", echo_pb2_grpc.EchoStub)
+        before = await scrape(caller.metrics_port)
+        await echo.Say(echo_pb2.SayRequest(text="first"), timeout=WAIT)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await echo.Say(echo_pb2.SayRequest(text="second"), timeout=WAIT)
+        after = await scrape(caller.metrics_port)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert servicer.says == 1
+    assert delta(before, after, "tether_limiter_rejections_total", target="echo") == 1
+    assert governance_deltas(before, after) == dict.fromkeys(GOVERNANCE, 0) | {
+        "tether_limiter_rejections_total": 1
+    }
 
 
 async def test_the_endpoint_stops_with_the_app() -> None:

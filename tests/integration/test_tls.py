@@ -39,7 +39,9 @@ async def tls_echo(pki: Pki) -> AsyncIterator[tether.App]:
 @pytest.fixture
 async def mtls_echo(pki: Pki) -> AsyncIterator[tether.App]:
     """Echo serving mutual TLS: a client certificate signed by the test CA is required."""
-    config = loopback_config("echo", server={"tls": pki.server_tls(mutual=True)})
+    config = loopback_config(
+        "echo", server={"tls": pki.server_tls(mutual=True), "reflection": True}
+    )
     async with running(build_app(config)) as app:
         yield app
 

@@ -417,7 +417,8 @@ def test_the_configmap_holds_a_valid_tether_config(
     assert (config.server.host, config.server.port) == ("0.0.0.0", ports["grpc"])
     assert (config.metrics.host, config.metrics.port) == ("0.0.0.0", ports["metrics"])
     assert config.metrics.enabled
-    assert config.logging.format == "json"
+    assert config.service.environment == "production"
+    assert (config.log_format, config.serves_reflection) == ("json", False)
     assert config.registry.backend == "etcd"
 
     config_path = Path(resolve_env(container)["TETHER_CONFIG"])
@@ -475,7 +476,8 @@ def test_the_image_starts_python_in_exec_form(final_stage: list[tuple[str, str]]
 def test_the_image_exposes_both_ports_and_sets_its_environment(
     project: Path, final_stage: list[tuple[str, str]], ports: dict[str, int]
 ) -> None:
-    """EXPOSE names the gRPC and metrics ports; ENV's TETHER_* settings load with tether.yaml."""
+    """EXPOSE names the gRPC and metrics ports; ENV's TETHER_* settings load with tether.yaml,
+    and turn its development environment into production."""
     exposed = {int(port) for args in arguments_of(final_stage, "EXPOSE") for port in args.split()}
     assert exposed == set(ports.values())
     env = dict(
@@ -484,10 +486,12 @@ def test_the_image_exposes_both_ports_and_sets_its_environment(
         for token in shlex.split(args)
     )
     assert env["TETHER_SERVER__HOST"] == "0.0.0.0"
-    assert env["TETHER_LOGGING__FORMAT"] == "json"
+    assert env["TETHER_SERVICE__ENVIRONMENT"] == "production"
     tether_env = {k: v for k, v in env.items() if k.startswith("TETHER_")}
+    assert load_with_env(project / "tether.yaml", {}).service.environment == "development"
     config = load_with_env(project / "tether.yaml", tether_env)
-    assert (config.server.host, config.logging.format) == ("0.0.0.0", "json")
+    assert config.server.host == "0.0.0.0"
+    assert (config.log_format, config.serves_reflection) == ("json", False)
 
 
 def test_the_build_context_leaves_out_local_state(project: Path) -> None:

@@ -284,6 +284,84 @@ def test_uppercase_log_level_accepted(tmp_path: Path) -> None:
     assert config.logging.level == "info"
 
 
+def test_environment_defaults_to_production(tmp_path: Path) -> None:
+    """Unset, the environment is production: JSON logs and no reflection, the safe choices;
+    logging.format and server.reflection stay unset (null) so they keep following it."""
+    config = load_config(write(tmp_path, "service: {name: a}\n"))
+    assert config.service.environment == "production"
+    assert (config.logging.format, config.server.reflection) == (None, None)
+    assert (config.development, config.log_format, config.serves_reflection) == (
+        False,
+        "json",
+        False,
+    )
+
+
+def test_development_means_console_logs_and_reflection(tmp_path: Path) -> None:
+    """In development the unset format and reflection become console and on."""
+    config = load_config(write(tmp_path, "service: {name: a, environment: development}\n"))
+    assert (config.development, config.log_format, config.serves_reflection) == (
+        True,
+        "console",
+        True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("environment", "fmt", "reflection"),
+    [("development", "json", False), ("production", "console", True)],
+)
+def test_explicit_format_and_reflection_beat_the_environment(
+    tmp_path: Path, environment: str, fmt: str, reflection: bool
+) -> None:
+    """logging.format and server.reflection, when written, win over the environment's default."""
+    text = (
+        f"service: {{name: a, environment: {environment}}}\n"
+        f"server: {{reflection: {str(reflection).lower()}}}\n"
+        f"logging: {{format: {fmt}}}\n"
+    )
+    config = load_config(write(tmp_path, text))
+    assert (config.log_format, config.serves_reflection) == (fmt, reflection)
+
+
+def test_environment_variable_beats_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TETHER_SERVICE__ENVIRONMENT (what `tether dev` and the image set) beats tether.yaml."""
+    monkeypatch.setenv("TETHER_SERVICE__ENVIRONMENT", "production")
+    config = load_config(write(tmp_path, "service: {name: a, environment: development}\n"))
+    assert (config.service.environment, config.log_format, config.serves_reflection) == (
+        "production",
+        "json",
+        False,
+    )
+
+
+def test_uppercase_environment_accepted(tmp_path: Path) -> None:
+    """Development is accepted and normalised to development."""
+    config = load_config(write(tmp_path, "service: {name: a, environment: Development}\n"))
+    assert config.service.environment == "development"
+
+
+def test_bad_environment_lists_allowed_values(tmp_path: Path) -> None:
+    """An unknown environment (go-zero's `dev`, a `staging`) is refused, shown as written, with
+    the allowed names listed."""
+    error = refused(write(tmp_path, "service: {name: a, environment: dev}\n"))
+    assert problem_lines(error) == [
+        "service.environment='dev': must be one of: 'development', 'production'"
+    ]
+
+
+def test_bad_environment_variable_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused environment from the variable names the variable."""
+    monkeypatch.setenv("TETHER_SERVICE__ENVIRONMENT", "staging")
+    error = refused(write(tmp_path, "service: {name: a}\n"))
+    assert problem_lines(error) == [
+        "service.environment='staging': must be one of: 'development', 'production' "
+        "(from TETHER_SERVICE__ENVIRONMENT)"
+    ]
+
+
 def test_password_not_in_config_error(tmp_path: Path) -> None:
     """A refused registry section masks its password in the error text."""
     error = refused(write(tmp_path, f"service: {{name: a}}\nregistry: {{password: {SECRET}}}\n"))
@@ -461,6 +539,18 @@ def test_env_non_json_section_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         "service.metadata='team=pay': must be JSON (from TETHER_SERVICE__METADATA)"
     ]
     assert error.source == "environment"
+
+
+def test_rendered_config_says_what_unset_settings_follow(tmp_path: Path) -> None:
+    """Unset reflection and format render as null, with the environment's answer in a comment."""
+    config = load_config(write(tmp_path, "service: {name: a, environment: development}\n"))
+    lines = render_config(config).splitlines()
+    assert "  reflection: null  # development: on" in lines
+    assert "  format: null  # development: console" in lines
+    assert (
+        "  format: null  # production: json"
+        in render_config(TetherConfig(service=ServiceConfig(name="a"))).splitlines()
+    )
 
 
 def test_render_load_round_trip_defaults(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ def main() -> None:
         raise SystemExit(2) from None
     tether.configure_logging(
         config.logging.level,
-        config.logging.format,
+        config.log_format,
         static={
             "service": config.service.name,
             "instance_id": config.service.instance_id or "edge",
