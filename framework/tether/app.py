@@ -447,7 +447,6 @@ class App:
             "serving",
             address=f"{cfg.host}:{port}",
             services=self.services,
-            instance_id=self.instance_id,
             tls=_tls_mode(cfg),
             environment=self.config.service.environment,
             reflection=self.config.serves_reflection,

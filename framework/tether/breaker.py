@@ -374,8 +374,8 @@ class Breakers:
         log = _log.warning if new == _OPEN else _log.info
         log(
             "circuit breaker state changed",
-            service=self._service,
-            method=method,
+            dependency=self._service,
+            rpc=method,
             state=new,
             previous=old,
             failures=failures,
@@ -385,7 +385,7 @@ class Breakers:
             try:
                 listener(event)
             except Exception as exc:  # an exporter's bug must not fail the call that tripped
-                _log.error("breaker listener failed", method=method, exc_info=exc)
+                _log.error("breaker listener failed", rpc=method, exc_info=exc)
 
 
 # --------------------------------------------------------------------------- the policy

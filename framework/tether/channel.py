@@ -454,10 +454,10 @@ class Channel(grpc.aio.Channel):
         except WatchClosed:
             if not self._closed:
                 self._watch_error = "the discovery watch was closed"
-                _log.warning("discovery watch closed", service=self._service)
+                _log.warning("discovery watch closed", dependency=self._service)
         except Exception as exc:  # a backend failure must not kill calls silently
             self._watch_error = f"discovery failed: {type(exc).__name__}"
-            _log.error("discovery watch failed", service=self._service, exc_info=exc)
+            _log.error("discovery watch failed", dependency=self._service, exc_info=exc)
         finally:
             watcher.close()
             # Keep the last membership (never empty it because discovery stopped), but let

@@ -297,7 +297,7 @@ class Fallbacks:
             method_desc = self._method(key)
             found, problem = (None, None) if method_desc is None else _resolve_option(method_desc)
         if problem is not None:
-            _log.error("fallback refused", method=key, problem=str(problem))
+            _log.error("fallback refused", rpc=key, problem=str(problem))
         if len(self._found) < _CACHE_LIMIT:  # names come from code, but stay bounded
             self._found[key] = found
         return found
@@ -437,7 +437,7 @@ def fallback(
                 except StatusError:
                     raise  # the fallback chose to answer with a status
                 except Exception as exc:
-                    _log.error("fallback failed", method=method, service=service, exc_info=exc)
+                    _log.error("fallback failed", dependency=service, rpc=method, exc_info=exc)
                     # Not "from None": the caller's AioRpcError is the error's __cause__.
                     raise err  # noqa: B904
                 event = Degradation(service, method, err.code.name, err, found.source)
@@ -481,8 +481,8 @@ class _DegradationLog:
             self._logged[key] = [now, 0]
         _log.warning(
             "fallback answered",
-            method=event.method,
-            service=event.service,
+            dependency=event.service,
+            rpc=event.method,
             reason=event.reason,
             error=event.error.message[:_MESSAGE_LIMIT],
             source=event.source,

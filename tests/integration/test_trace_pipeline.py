@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from echo.v1 import echo_pb2, echo_pb2_grpc
@@ -21,10 +22,33 @@ from tether.testing import EtcdServer, OtlpSink, ReceivedSpan
 pytestmark = pytest.mark.slow
 
 SERVICES = ("svc-a", "svc-b", "svc-c")
+METHOD = "echo.v1.Echo/Say"
 # What each hop logs while serving the call (support/echo_service.py): the relays log from the
-# handler, from a task, from asyncio's thread helper and from a thread given tether.in_context.
-RELAY_LINES = {"relaying", "relay task", "relay thread", "relay bound thread"}
-EXPECTED = {"svc-a": RELAY_LINES, "svc-b": RELAY_LINES, "svc-c": {"say"}}
+# handler, from a task, from asyncio's thread helper and from a thread given tether.in_context;
+# every hop's access log writes "call".
+RELAY_LINES = {"relaying", "relay task", "relay thread", "relay bound thread", "call"}
+EXPECTED = {"svc-a": RELAY_LINES, "svc-b": RELAY_LINES, "svc-c": {"say", "call"}}
+# Lines a process may write while the call is in flight that are not about the call: its
+# background loops (discovery, which the first outbound call starts, and its registration)
+# run detached from any call, and must not carry the call's context.
+DETACHED = {
+    # tether.channel: the dependency's membership
+    "instances changed",
+    "discovery watch closed",
+    "discovery watch failed",
+    # tether.registry: the discovery and registration loops' state changes
+    "discovery in sync",
+    "discovery failed; retrying",
+    "discovery refused by etcd; keeping the last known instances",
+    "registry unreachable; keeping the last known instances",
+    "watch ended by etcd; reading the prefix again",
+    "registration renewed",
+    "registration failed; retrying",
+    "registration refused by etcd; retrying",
+    "registry unreachable; retrying until it answers",
+    "lease lost; registering again",
+    "registered",
+}
 
 
 async def test_one_trace_and_its_logs_across_three_processes(
@@ -40,8 +64,11 @@ async def test_one_trace_and_its_logs_across_three_processes(
                     service=name,
                     etcd_endpoints=(etcd.endpoint,),
                     tracing_endpoint=otlp_sink.endpoint,
+                    access_log=True,
                 )
             )
+        # Each process's lines for the call are those after these, up to its SIGTERM.
+        marks = [len(process.lines()) for process in processes]
         async with tether.dial(processes[0].target) as channel:  # no trace: A starts one
             reply = await echo_pb2_grpc.EchoStub(channel).Say(
                 echo_pb2.SayRequest(text="deep", fail="via:svc-b,svc-c"),
@@ -60,15 +87,35 @@ async def test_one_trace_and_its_logs_across_three_processes(
     written = [json.loads(line) for line in otlp_sink.path.read_text().splitlines()]  # type: ignore[union-attr]
     assert {span["trace_id"] for span in written if span["service"] in SERVICES} == {trace_id}
 
-    for process, name in zip(processes, SERVICES, strict=True):
-        in_call = [line for line in process.lines() if "method" in line]
-        assert in_call, f"{name} logged nothing while serving"
-        strays = [line for line in in_call if line.get("trace_id") != trace_id]
-        assert not strays, f"{name}: lines of the call without its trace id: {strays}"
-        assert {line["event"] for line in in_call} >= EXPECTED[name]
-        assert all(line["service"] == name for line in in_call)
-        assert all(line["instance_id"] == f"{name}-1" for line in in_call)
-        assert all(line.get("span_id") for line in in_call)
+    span_ids = {(s.service, s.kind): s.span_id for s in spans}
+    for process, name, mark in zip(processes, SERVICES, marks, strict=True):
+        _check_call_lines(name, process.lines()[mark:], trace_id, span_ids)
+
+
+def _check_call_lines(
+    name: str, lines: list[dict[str, Any]], trace_id: str, span_ids: dict[tuple[str, str], str]
+) -> None:
+    """Every line ``name`` wrote from the call's start to its SIGTERM, but the detached loops',
+    carries the call's trace id, the span of its chain (server or client), the served method
+    and the process fields; the detached lines carry none of the call's."""
+    events = [line.get("event") for line in lines]
+    assert "signal received" in events, f"{name} never logged its SIGTERM: {events}"
+    window = lines[: events.index("signal received")]
+    in_call = [line for line in window if line.get("event") not in DETACHED]
+    assert {line["event"] for line in in_call} >= EXPECTED[name], events
+    for line in in_call:
+        side = line.get("side")
+        assert line.get("trace_id") == trace_id, (
+            f"{name}: a line of the call without its trace id: {line}"
+        )
+        assert side in ("server", "client"), f"{name}: a line without the call's side: {line}"
+        assert line.get("span_id") == span_ids[(name, side.upper())], f"{name}: span: {line}"
+        assert line.get("method") == METHOD, f"{name}: method: {line}"
+        assert line.get("service") == name, f"{name}: service: {line}"
+        assert line.get("instance_id") == f"{name}-1", f"{name}: instance: {line}"
+    for line in window:
+        if line.get("event") in DETACHED:
+            assert not {"trace_id", "span_id", "method"} & set(line), f"{name}: {line}"
 
 
 def _check_parent_links(spans: list[ReceivedSpan]) -> None:

@@ -10,18 +10,22 @@ import gc
 import io
 import json
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import grpc
 import pytest
+import structlog
 from echo.v1 import echo_pb2, echo_pb2_grpc
 from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from support.echo_service import build_app
+from support.echo_service import EchoServicer, build_app
+from support.echo_service import log as echo_log
 from support.tracing import assert_child, memory_tracing
 
 import tether
+from tether.log import REDACTED
 from tether.registry import MemoryRegistry
 from tether.testing import loopback_config, running
 
@@ -320,19 +324,49 @@ async def test_governance_steps_are_events_on_the_client_span(
     assert [span.name for span in degraded] == ["echo.v1.Echo/Lookup"]
 
 
+class MetadataLoggingServicer(EchoServicer):
+    """Echo whose ``Say`` logs what a careless handler might: the metadata in every shape it
+    comes in, and the authorization value under its own key."""
+
+    async def Say(self, request: Any, context: Any) -> Any:  # noqa: N802
+        call = tether.current_call()
+        assert call is not None
+        metadata = context.invocation_metadata()
+        echo_log.info(
+            "metadata seen",
+            metadata=metadata,
+            pairs=list(call.metadata),
+            headers=dict(call.metadata),
+            authorization=call.header("authorization"),
+        )
+        return await super().Say(request, context)
+
+
 async def test_authorization_value_reaches_no_span_and_no_log_line(
-    echo: tether.App, exporter: InMemorySpanExporter
+    exporter: InMemorySpanExporter,
 ) -> None:
-    """A call with an authorization header: its value is in no span attribute, event or log."""
+    """A call with an authorization header, to a handler that logs the metadata and the header,
+    with the access log on: the value is in no span attribute, event or log line, and each
+    place it would have been says [redacted]."""
     secret = "Bearer s3cr3t-t0k3n-value"
+    app = build_app(
+        loopback_config("echo", logging={"access_log": True}),
+        servicer=MetadataLoggingServicer(),
+        tracing=memory_tracing(exporter, "echo"),
+    )
     stream = io.StringIO()
     tether.configure_logging("debug", "json", stream=stream)
     caller = memory_tracing(exporter, "caller")
-    async with tether.dial(echo.target, tracing=caller) as channel:
-        stub = echo_pb2_grpc.EchoStub(channel)
-        await stub.Say(echo_pb2.SayRequest(text="x"), metadata=(("authorization", secret),))
-        with pytest.raises(grpc.aio.AioRpcError):
-            await stub.Say(echo_pb2.SayRequest(fail="boom"), metadata=(("authorization", secret),))
+    try:
+        async with running(app), tether.dial(app.target, tracing=caller) as channel:
+            stub = echo_pb2_grpc.EchoStub(channel)
+            await stub.Say(echo_pb2.SayRequest(text="x"), metadata=(("authorization", secret),))
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.Say(
+                    echo_pb2.SayRequest(fail="boom"), metadata=(("authorization", secret),)
+                )
+    finally:
+        structlog.reset_defaults()
     dumped = [
         json.dumps(
             {
@@ -346,9 +380,17 @@ async def test_authorization_value_reaches_no_span_and_no_log_line(
     ]
     assert len(dumped) == 4
     assert not [text for text in dumped if "s3cr3t" in text]
-    lines = stream.getvalue()
-    assert "handler raised" in lines  # the crash was logged, with its call's context
-    assert "s3cr3t" not in lines
+    text = stream.getvalue()
+    assert "s3cr3t" not in text
+    lines = [json.loads(line) for line in text.splitlines()]
+    events = [line["event"] for line in lines]
+    assert events.count("metadata seen") == 2
+    assert events.count("call") == 2 and "handler raised" in events  # access log, crash
+    for seen in (line for line in lines if line["event"] == "metadata seen"):
+        assert seen["authorization"] == REDACTED
+        assert seen["headers"]["authorization"] == REDACTED
+        assert ["authorization", REDACTED] in seen["pairs"]
+        assert ["authorization", REDACTED] in seen["metadata"]
 
 
 async def test_a_stream_dropped_unread_ends_its_span_as_cancelled(

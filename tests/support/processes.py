@@ -79,10 +79,12 @@ class EchoProcess:
         drain_seconds: float = 0.2,
         service: str = "echo",
         tracing_endpoint: str | None = None,
+        access_log: bool = False,
     ) -> EchoProcess:
         """Start one instance and return once it logged "serving" (and "registered" with etcd).
 
-        With ``tracing_endpoint``, tracing is on and exports there (OTLP gRPC).
+        With ``tracing_endpoint``, tracing is on and exports there (OTLP gRPC); with
+        ``access_log``, every served call is logged (``logging.access_log``).
         """
         directory.mkdir(parents=True, exist_ok=True)
         registry = (
@@ -98,7 +100,7 @@ class EchoProcess:
             "grace_seconds: 10}\n"
             f"{registry}"
             "metrics: {enabled: false}\n"
-            "logging: {format: json}\n"
+            f"logging: {{format: json, access_log: {json.dumps(access_log)}}}\n"
             + (
                 f"tracing: {{enabled: true, endpoint: '{tracing_endpoint}'}}\n"
                 if tracing_endpoint

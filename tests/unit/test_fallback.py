@@ -433,7 +433,8 @@ async def test_degradation_is_logged_and_reported() -> None:
     with capture_logs() as logs, use_call(_ctx()):
         await handler(Req())
     answered = next(line for line in logs if line["event"] == "fallback answered")
-    assert answered["method"] == SAY
+    assert answered["dependency"] == "echo"
+    assert answered["rpc"] == SAY
     assert answered["reason"] == "UNAVAILABLE"
     assert answered["error"] == "x" * 200
     assert answered["log_level"] == "warning"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import grpc
 import structlog
 
 from tether.log import REDACTED, configure_logging, get_logger
@@ -47,6 +48,15 @@ def test_metadata_pairs_and_nested_mappings_are_redacted() -> None:
     )
     assert line["metadata"] == [["authorization", REDACTED], ["x-request-id", "r1"]]
     assert line["headers"] == {"Set-Cookie": REDACTED, "accept": "x"}
+
+
+def test_grpc_metadata_objects_are_redacted_not_written_through_their_repr() -> None:
+    """grpc.aio.Metadata (a call's initial or trailing metadata) is redacted pair by pair."""
+    metadata = grpc.aio.Metadata(("authorization", "Bearer abc"), ("x-request-id", "r1"))
+    line = log_line(trailers=metadata, nested={"sent": metadata})
+    assert line["trailers"] == [["authorization", REDACTED], ["x-request-id", "r1"]]
+    assert line["nested"] == {"sent": line["trailers"]}
+    assert "Bearer abc" not in json.dumps(line)
 
 
 def test_long_values_and_bytes_are_never_logged_whole() -> None:

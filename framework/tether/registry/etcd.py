@@ -279,7 +279,7 @@ class _Registration:
         self._lease: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._state = _StateLog(
-            on_change=on_state, service=instance.service, instance_id=instance.id
+            on_change=on_state, registered_service=instance.service, registered_id=instance.id
         )
 
     def start(self) -> None:
@@ -300,11 +300,15 @@ class _Registration:
                 etcdrpc.LeaseRevokeRequest(ID=self._lease),
                 attempt_timeout=_REVOKE_TIMEOUT,
             )
-            _log.info("deregistered", service=self.instance.service, instance_id=self.instance.id)
+            _log.info(
+                "deregistered",
+                registered_service=self.instance.service,
+                registered_id=self.instance.id,
+            )
         except (RegistryUnavailable, grpc.aio.AioRpcError) as exc:
             _log.warning(
                 "deregistration failed; the key expires with its lease",
-                instance_id=self.instance.id,
+                registered_id=self.instance.id,
                 ttl_seconds=self._ttl,
                 error=str(exc),
             )
@@ -342,7 +346,7 @@ class _Registration:
                 self._state.enter(
                     "failing", "registration failed; retrying", warn=True, error=_brief(exc)
                 )
-                _log.exception("registration loop error", instance_id=self.instance.id)
+                _log.exception("registration loop error", registered_id=self.instance.id)
             else:
                 healthy = True
                 self.refusal = None
@@ -403,8 +407,8 @@ class _Registration:
         )
         _log.warning(
             "registration key was deleted or overwritten; put it back",
-            service=self.instance.service,
-            instance_id=self.instance.id,
+            registered_service=self.instance.service,
+            registered_id=self.instance.id,
         )
 
 
