@@ -48,7 +48,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_proto(args: argparse.Namespace) -> int:
-    from tether.codegen import ProtoCompileError, compile_protos
+    from tether.codegen import ProtoCompileError, compile_protos, typed_grpc_stubs
 
     root = Path(args.proto_path)
     sources = [Path(s) for s in args.sources] or sorted(root.rglob("*.proto"))
@@ -62,6 +62,12 @@ def _cmd_proto(args: argparse.Namespace) -> int:
         return 1
     for path in generated:
         print(path)
+    if not typed_grpc_stubs():
+        print(
+            "tether proto: mypy-protobuf is not installed, so the *_pb2_grpc.py modules have no "
+            "type stubs (pip install 'mypy-protobuf>=4' for *_pb2_grpc.pyi)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -294,7 +300,9 @@ def _parser() -> argparse.ArgumentParser:
         "proto",
         help="compile .proto files into Python modules",
         description=(
-            "Compile .proto files with grpcio-tools into *_pb2.py, *_pb2.pyi and *_pb2_grpc.py. "
+            "Compile .proto files with grpcio-tools into *_pb2.py, *_pb2.pyi and *_pb2_grpc.py, "
+            "and with mypy-protobuf's plugin, when installed, into *_pb2_grpc.pyi (a typed "
+            "servicer, <Service>Stub and <Service>AsyncStub; without it a note says so). "
             "Output mirrors the directories under --proto-path, with __init__.py at each level: "
             "generate into the directory that holds your service package (proto package "
             "'greeter.v1' lands in <out>/greeter/v1/), or a second 'greeter' package will "

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tether import codegen
 from tether.cli import main
 
 
@@ -48,9 +49,40 @@ def test_proto_compiles_into_out_dir(tmp_path: Path, capsys: pytest.CaptureFixtu
     out = tmp_path / "gen"
     assert main(["proto", "--proto-path", str(tmp_path / "proto"), "--out", str(out)]) == 0
     names = sorted(p.name for p in (out / "demo" / "v1").iterdir())
-    assert names == ["__init__.py", "demo_pb2.py", "demo_pb2.pyi", "demo_pb2_grpc.py"]
+    assert names == [
+        "__init__.py",
+        "demo_pb2.py",
+        "demo_pb2.pyi",
+        "demo_pb2_grpc.py",
+        "demo_pb2_grpc.pyi",
+    ]
     assert (out / "demo" / "__init__.py").exists()
-    assert "demo_pb2_grpc.py" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "demo_pb2_grpc.pyi" in printed.out
+    assert printed.err == ""  # mypy-protobuf's "Writing mypy to ..." lines are kept quiet
+
+
+def test_proto_says_when_mypy_protobuf_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without mypy-protobuf the modules are still written; one line on stderr says why the
+    *_pb2_grpc.pyi stubs are not."""
+    monkeypatch.setattr(codegen, "_find_plugin", lambda: None)
+    (tmp_path / "proto").mkdir()
+    (tmp_path / "proto" / "demo.proto").write_text(
+        'syntax = "proto3";\npackage demo;\nmessage Ping {}\n'
+        "service Demo { rpc Echo(Ping) returns (Ping); }\n"
+    )
+    out = tmp_path / "gen"
+    assert main(["proto", "--proto-path", str(tmp_path / "proto"), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "demo_pb2.py",
+        "demo_pb2.pyi",
+        "demo_pb2_grpc.py",
+    ]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "mypy-protobuf is not installed" in err
 
 
 def test_proto_reports_protoc_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,18 +26,20 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
 
 
 @pytest.fixture
-def greeter(channel: grpc.aio.Channel) -> greeter_pb2_grpc.GreeterStub:
+def greeter(channel: grpc.aio.Channel) -> greeter_pb2_grpc.GreeterAsyncStub:
+    # GreeterAsyncStub, what GreeterStub(channel) is on an aio channel, exists only for type
+    # checkers (in the generated .pyi); annotations are not evaluated at run time.
     return greeter_pb2_grpc.GreeterStub(channel)
 
 
-async def test_say_hello_greets_by_name(greeter: greeter_pb2_grpc.GreeterStub) -> None:
+async def test_say_hello_greets_by_name(greeter: greeter_pb2_grpc.GreeterAsyncStub) -> None:
     """SayHello answers with a greeting naming the caller."""
     reply = await greeter.SayHello(greeter_pb2.HelloRequest(name="Ada"), timeout=TIMEOUT)
     assert reply.message == "Hello, Ada!"
 
 
 async def test_say_hello_stream_sends_one_reply_per_language(
-    greeter: greeter_pb2_grpc.GreeterStub,
+    greeter: greeter_pb2_grpc.GreeterAsyncStub,
 ) -> None:
     """SayHelloStream sends one greeting per known language, in order."""
     call = greeter.SayHelloStream(greeter_pb2.HelloRequest(name="Ada"), timeout=TIMEOUT)
@@ -48,7 +50,7 @@ async def test_say_hello_stream_sends_one_reply_per_language(
 
 @pytest.mark.parametrize("name", ["", "   "])
 async def test_say_hello_without_name_is_invalid_argument(
-    greeter: greeter_pb2_grpc.GreeterStub, name: str
+    greeter: greeter_pb2_grpc.GreeterAsyncStub, name: str
 ) -> None:
     """An empty (or blank) name comes back as INVALID_ARGUMENT with a message, not INTERNAL."""
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -58,7 +60,7 @@ async def test_say_hello_without_name_is_invalid_argument(
 
 
 async def test_say_hello_stream_without_name_is_invalid_argument(
-    greeter: greeter_pb2_grpc.GreeterStub,
+    greeter: greeter_pb2_grpc.GreeterAsyncStub,
 ) -> None:
     """The stream refuses an empty name before sending anything."""
     call = greeter.SayHelloStream(greeter_pb2.HelloRequest(name=""), timeout=TIMEOUT)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TypeAlias
 
 import grpc
 import pytest
@@ -17,16 +18,19 @@ SERVICE = "inventory"
 TIMEOUT = 5.0
 
 Stub = pb_grpc.InventoryStub
+# What Stub(channel) is on an asyncio channel, as tether's are: its methods are awaited. The
+# class exists only in the generated .pyi, for type checkers, so it is named in quotes.
+AsyncStub: TypeAlias = "pb_grpc.InventoryAsyncStub"
 
 
 @pytest.fixture
-async def stub() -> AsyncIterator[pb_grpc.InventoryStub]:
+async def stub() -> AsyncIterator[AsyncStub]:
     app = create_app(loopback_config(SERVICE))
     async with running(app), tether.dial(app.target) as channel:
         yield Stub(channel)
 
 
-async def test_stock_is_counted_down_by_reservations(stub: pb_grpc.InventoryStub) -> None:
+async def test_stock_is_counted_down_by_reservations(stub: AsyncStub) -> None:
     before = await stub.GetStock(pb.GetStockRequest(sku="book"), timeout=TIMEOUT)
     assert before.available == STARTING_STOCK["book"]
     reservation = await stub.Reserve(
@@ -38,7 +42,7 @@ async def test_stock_is_counted_down_by_reservations(stub: pb_grpc.InventoryStub
 
 
 async def test_reserving_again_for_an_order_reserves_nothing_more(
-    stub: pb_grpc.InventoryStub,
+    stub: AsyncStub,
 ) -> None:
     """Reserve is idempotent by order id, which is what makes retrying it safe."""
     request = pb.ReserveRequest(order_id="o2", sku="lamp", quantity=5)
@@ -59,7 +63,7 @@ async def test_reserving_again_for_an_order_reserves_nothing_more(
     ids=["too-many", "unknown-sku", "no-order-id"],
 )
 async def test_bad_reservations_are_refused(
-    stub: pb_grpc.InventoryStub, request_: pb.ReserveRequest, code: str
+    stub: AsyncStub, request_: pb.ReserveRequest, code: str
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Reserve(request_, timeout=TIMEOUT)

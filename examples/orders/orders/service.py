@@ -40,7 +40,11 @@ class OrdersServicer(pb_grpc.OrdersServicer):
     """Quotes and places orders; holds no state of its own."""
 
     def __init__(
-        self, users: users_pb2_grpc.UsersStub, inventory: inventory_pb2_grpc.InventoryStub
+        self,
+        # What app.client() makes of the *Stub classes: the async stubs, which exist only in
+        # the generated .pyi (annotations are not evaluated at run time).
+        users: users_pb2_grpc.UsersAsyncStub,
+        inventory: inventory_pb2_grpc.InventoryAsyncStub,
     ) -> None:
         self._users = users
         self._inventory = inventory

@@ -59,7 +59,7 @@ class StandInInventory(inventory_pb2_grpc.InventoryServicer):
 
 @dataclass
 class Shop:
-    orders: pb_grpc.OrdersStub
+    orders: pb_grpc.OrdersAsyncStub  # what OrdersStub(channel) is on tether's aio channel
     users: StandInUsers
     inventory: StandInInventory
 
