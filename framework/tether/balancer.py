@@ -89,7 +89,12 @@ def candidates(endpoints: Sequence[E], exclude: Collection[str] = ()) -> Sequenc
 
 
 class RoundRobinBalancer:
-    """Takes the candidates in turn; weights are ignored.
+    """Takes the candidates in turn, each as often as its weight says.
+
+    Equal weights (the default, 100 each) rotate one by one. Unequal weights use smooth
+    weighted round robin (nginx's, and Kratos' ``wrr``): every pick adds each candidate's weight
+    to its running score, takes the highest score and takes the total off it, so weights
+    5, 1, 1 give ``a a b a c a a``: the heavy instance gets its share spread out, not in a burst.
 
     Args:
         rand: ``random.Random`` or an object with ``randrange``; the starting point is random so
@@ -98,14 +103,34 @@ class RoundRobinBalancer:
 
     def __init__(self, *, rand: random.Random | None = None) -> None:
         self._next = (rand or random.Random()).randrange(1 << 16)
+        self._scores: dict[str, int] = {}  # address -> running score (weighted picks only)
 
     def pick(self, endpoints: Sequence[E], exclude: Collection[str] = ()) -> E | None:
         """See :meth:`Balancer.pick`."""
         group = candidates(endpoints, exclude)
         if not group:
             return None
-        chosen = group[self._next % len(group)]
-        self._next += 1
+        weight = group[0].weight
+        if all(e.weight == weight for e in group):
+            chosen = group[self._next % len(group)]
+            self._next += 1
+            return chosen
+        return self._weighted(group, len(endpoints))
+
+    def _weighted(self, group: Sequence[E], known: int) -> E:
+        scores = self._scores
+        if len(scores) > 2 * known + 8:  # instances that left: forget their scores
+            scores = self._scores = {e.address: scores.get(e.address, 0) for e in group}
+        total = 0
+        chosen = group[0]
+        best = None
+        for e in group:
+            total += e.weight
+            score = scores.get(e.address, 0) + e.weight
+            scores[e.address] = score
+            if best is None or score > best:
+                best, chosen = score, e
+        scores[chosen.address] -= total
         return chosen
 
 

@@ -324,8 +324,9 @@ class ClientConfig(BaseModel):
     balancer: Literal["round_robin", "p2c"] = Field(
         default="round_robin",
         description=(
-            "How a call picks an instance: round_robin, or p2c (the less loaded of two "
-            "picked at random, by in-flight calls per weight)."
+            "How a call picks an instance: round_robin (in turn, each as often as its weight "
+            "says), or p2c (the less loaded of two picked at random, by in-flight calls per "
+            "weight)."
         ),
     )
     retry: RetryConfig = Field(

@@ -115,6 +115,30 @@ def test_round_robin_starts_at_a_random_endpoint() -> None:
     assert len(firsts) > 1
 
 
+def test_round_robin_gives_each_endpoint_its_weight_smoothly() -> None:
+    """Unequal weights: shares follow the weights, interleaved as nginx's smooth WRR does."""
+    balancer = RoundRobinBalancer(rand=random.Random(3))
+    endpoints = [Node("a", weight=5), Node("b", weight=1), Node("c", weight=1)]
+    order = [balancer.pick(endpoints) for _ in range(7)]
+    assert "".join(n.address for n in order if n is not None) == "aabacaa"
+    endpoints = [Node("a", weight=300), Node("b", weight=200), Node("c", weight=100)]
+    assert picks(balancer, endpoints, 600) == {"a": 300, "b": 200, "c": 100}
+
+
+def test_weighted_round_robin_skips_excluded_and_forgets_departed() -> None:
+    """A tried address is avoided, and scores of instances that left do not pile up."""
+    balancer = RoundRobinBalancer(rand=random.Random(3))
+    heavy, light = Node("heavy", weight=3), Node("light", weight=1)
+    for _ in range(10):
+        pick = balancer.pick([heavy, light], exclude={"heavy"})
+        assert pick is not None and pick.address == "light"
+    for round_ in range(50):  # a new pair of instances each round: 100 addresses seen
+        pair = [Node(f"a{round_}", weight=2), Node(f"b{round_}", weight=1)]
+        assert picks(balancer, pair, 3) == {f"a{round_}": 2, f"b{round_}": 1}
+    # Pruned once over twice the instances known (+ 8): at most that plus one pick's pair.
+    assert len(balancer._scores) <= (2 * 2 + 8) + 2
+
+
 def test_p2c_prefers_the_less_loaded() -> None:
     """Of two candidates, p2c picks the one with fewer calls in flight."""
     busy, idle = Node("busy", in_flight=10), Node("idle")
