@@ -64,6 +64,13 @@ class _Gate:
             )
         self.in_flight += 1
 
+    def full_limit(self) -> str:
+        """Which limit refused the last call: ``concurrency`` or ``rate`` (a refusal changes no
+        state, so the bounds still say which one was reached)."""
+        if self.max_concurrent is not None and self.in_flight >= self.max_concurrent:
+            return "concurrency"
+        return "rate"
+
     def leave(self) -> None:
         """Count one admitted call as finished."""
         self.in_flight -= 1
@@ -109,7 +116,12 @@ class _TrackedStream:
         self._finish()  # dropped before its end (never iterated, or abandoned)
 
 
-def admit(config: AdmissionConfig, *, clock: Callable[[], float] = time.monotonic) -> Middleware:
+def admit(
+    config: AdmissionConfig,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    on_reject: Callable[[str, str], None] | None = None,
+) -> Middleware:
     """Build the server admission middleware: refuse calls over a method's limits at once.
 
     Each method gets its own counter of calls in flight (``max_concurrent``) and token bucket
@@ -123,6 +135,10 @@ def admit(config: AdmissionConfig, *, clock: Callable[[], float] = time.monotoni
         config: the ``server.admission`` section; with no limits anywhere the middleware passes
             every call through untouched.
         clock: the buckets' monotonic clock; injectable for tests.
+        on_reject: called with the method (``package.Service/Method``) and the limit that
+            refused it (``concurrency`` or ``rate``) for each refused call, before the refusal
+            is raised; an App counts them (``tether_admission_rejections_total``) and puts a
+            ``tether.admission_refused`` event on the call's span.
 
     Returns:
         A server middleware; put it inside ``recover`` and outside the handler's own work
@@ -150,7 +166,12 @@ def admit(config: AdmissionConfig, *, clock: Callable[[], float] = time.monotoni
             gate = gate_of(name.full, name.path)
             if gate is None:
                 return await handler(request)
-            gate.enter()
+            try:
+                gate.enter()
+            except ResourceExhausted:
+                if on_reject is not None:
+                    on_reject(name.path, gate.full_limit())
+                raise
             if not call.response_streaming:
                 try:
                     return await handler(request)

@@ -34,7 +34,7 @@ from tether.middleware import Middleware
 from tether.recovery import recover
 from tether.registry import Instance, Registry, registry_from_config
 from tether.tls import ClientTls, client_tls, server_credentials
-from tether.tracing import Tracing, trace_server
+from tether.tracing import SpanEvents, Tracing, trace_server
 from tether.workers import registered_instance_id, serve_in_workers
 
 __all__ = ["App", "Hook", "default_server_middleware"]
@@ -88,13 +88,19 @@ def default_server_middleware(
     Returns:
         A new list; callers may extend it.
     """
+
+    def admission_refused(method: str, limit: str) -> None:
+        SpanEvents.admission_refused(method, limit)
+        if metrics is not None:
+            metrics.admission_rejected(method, limit)
+
     return [
         *([] if metrics is None else [observe_server(metrics)]),
         trace_server(tracing if tracing is not None else Tracing()),
         log_calls(config.logging),
         recover,
         enforce_deadline,
-        admit(config.server.admission),
+        admit(config.server.admission, on_reject=admission_refused),
     ]
 
 

@@ -241,6 +241,12 @@ class Metrics:
             (*target, "reason"),
             registry=r,
         )
+        self.admission_rejections = Counter(
+            "tether_admission_rejections",
+            "Calls the server's admission control refused, by the limit reached.",
+            (*method, "limit"),
+            registry=r,
+        )
         self.registration_state = Gauge(
             "tether_registration_state",
             "1 while this instance is registered (its last registration or renewal succeeded).",
@@ -309,6 +315,11 @@ class Metrics:
             A callable counting one rejection.
         """
         return self.limiter_rejections.labels(target).inc
+
+    def admission_rejected(self, method: str, limit: str) -> None:
+        """The server admission hook (``admit(..., on_reject=...)``): one refused call of
+        ``method`` (``package.Service/Method``) at ``limit`` (``concurrency`` or ``rate``)."""
+        self.admission_rejections.labels(*self.method_labels(method), limit).inc()
 
     def retry_counter(self, target: str) -> Callable[[MethodName, int, str], None]:
         """The retry hook of ``target`` (``retry(..., on_retry=...)``).

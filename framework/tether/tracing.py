@@ -880,6 +880,14 @@ class SpanEvents:
             )
 
     @classmethod
+    def admission_refused(cls, method: str, limit: str) -> None:
+        """The server admission hook: ``tether.admission_refused`` with the limit reached, on
+        the served call's SERVER span."""
+        span = cls._span()
+        if span is not None:
+            span.add_event("tether.admission_refused", {"tether.admission.limit": limit})
+
+    @classmethod
     def rejected(cls) -> None:
         """The limiter hook: ``tether.rate_limited``."""
         span = cls._span()

@@ -11,8 +11,11 @@ from collections.abc import AsyncIterator, Mapping
 import grpc
 import pytest
 from echo.v1 import echo_pb2, echo_pb2_grpc
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 from support.echo_service import EchoServicer, build_app
+from support.tracing import memory_tracing
 
 import tether
 from tether.registry import MemoryRegistry
@@ -271,3 +274,45 @@ async def test_registration_state_follows_etcd_through_an_outage(etcd: EtcdServe
         await eventually(lambda: registration_is(1), within=10, message="1 once registered")
     assert app.metrics is not None
     assert app.metrics.registry.get_sample_value("tether_registration_state") == 0
+
+
+async def test_admission_refusals_are_counted_by_limit_and_marked_on_the_span() -> None:
+    """A call refused by server admission moves ``tether_admission_rejections_total`` for its
+    method and limit, and its SERVER span carries a ``tether.admission_refused`` event."""
+    exporter = InMemorySpanExporter()
+    servicer = EchoServicer()
+    admission = {"methods": {"echo.v1.Echo/Hold": {"max_concurrent": 1}}}
+    app = build_app(
+        loopback_config("echo", metrics=METRICS, server={"admission": admission}),
+        servicer=servicer,
+        tracing=memory_tracing(exporter, "echo"),
+    )
+    hold = {"service": "echo.v1.Echo", "method": "echo.v1.Echo/Hold", "limit": "concurrency"}
+    async with running(app), grpc.aio.insecure_channel(app.target) as channel:
+        stub = echo_pb2_grpc.EchoStub(channel)
+        before = await scrape(app.metrics_port)
+        held = asyncio.ensure_future(stub.Hold(echo_pb2.SayRequest(text="x"), timeout=WAIT))
+        await eventually(lambda: servicer.holding == 1, within=WAIT, message="the call is held")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Hold(echo_pb2.SayRequest(text="y"), timeout=WAIT)
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        await stub.Say(echo_pb2.SayRequest(text="z"), timeout=WAIT)  # other methods: no bound
+        servicer.release.set()
+        await held
+        after = await scrape(app.metrics_port)
+    assert delta(before, after, "tether_admission_rejections_total", **hold) == 1
+    assert delta(before, after, "tether_server_calls_total", **SAY, code="OK") == 1
+    # By status code (8: RESOURCE_EXHAUSTED, not an error status for a SERVER span).
+    events = {
+        (span.attributes or {})["rpc.grpc.status_code"]: [
+            (e.name, dict(e.attributes or {})) for e in span.events
+        ]
+        for span in exporter.get_finished_spans()
+        if span.kind is trace.SpanKind.SERVER and span.name == "echo.v1.Echo/Hold"
+    }
+    assert events == {
+        grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]: [
+            ("tether.admission_refused", {"tether.admission.limit": "concurrency"})
+        ],
+        grpc.StatusCode.OK.value[0]: [],
+    }

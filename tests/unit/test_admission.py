@@ -167,6 +167,29 @@ async def test_a_concurrency_refusal_costs_no_token() -> None:
     assert await call(handler, HOLD) == "held"  # the second token was still there
 
 
+async def test_each_refusal_is_reported_with_the_limit_reached() -> None:
+    """on_reject hears every refused call, with its method and which limit refused it, and
+    nothing about admitted calls."""
+    clock, servicer = Clock(), Servicer()
+    refused: list[tuple[str, str]] = []
+    middleware = admit(
+        AdmissionConfig(methods={"echo.v1.Echo/Hold": {"max_concurrent": 1}}, rate=1, burst=1),
+        clock=clock,
+        on_reject=lambda method, limit: refused.append((method, limit)),
+    )
+    hold, answer = middleware(servicer.hold), middleware(servicer.answer)
+    held = asyncio.create_task(call(hold, HOLD))
+    await settle()
+    with pytest.raises(ResourceExhausted):
+        await call(hold, HOLD)
+    assert await call(answer, SAY) == "ok"
+    with pytest.raises(ResourceExhausted):
+        await call(answer, SAY)
+    servicer.release.set()
+    await held
+    assert refused == [("echo.v1.Echo/Hold", "concurrency"), ("echo.v1.Echo/Say", "rate")]
+
+
 async def test_expired_calls_refused_outside_admission_cost_no_token() -> None:
     """In the recommended order (enforce_deadline, then admit) an expired call takes no token."""
     clock, servicer = Clock(), Servicer()
