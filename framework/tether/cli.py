@@ -345,7 +345,8 @@ def _parser() -> argparse.ArgumentParser:
             "ignore, exclude, extend-exclude, per-file-ignores); generated *_pb2 modules,\n"
             "virtualenvs, build output and tests are excluded by default. --runtime also\n"
             "imports and builds the App (never starts it) and checks its handlers, fallbacks,\n"
-            "configuration and the methods its configuration names."
+            "configuration, the methods its configuration names, and that every configured\n"
+            "client.services entry is a dependency the source calls."
         ),
         epilog=_check_epilog(),
     )
