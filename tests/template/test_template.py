@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -137,6 +138,24 @@ def test_defaults_are_derived_from_the_service_name(tmp_path: Path) -> None:
     assert not (project / "deploy").exists()
 
 
+def test_the_project_ci_runs_the_laptop_gates_and_the_contract(tmp_path: Path) -> None:
+    """The generated GitHub Actions workflow runs make setup, test and check (the governance
+    contract, static and --runtime) on pushes and pull requests, on the oldest Python the
+    project supports."""
+    project = render(tmp_path, service_name="user-profile")
+    workflow = yaml.safe_load((project / ".github/workflows/ci.yml").read_text())
+    triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 reads a bare `on` as true
+    assert set(triggers) == {"push", "pull_request"}
+    [job] = workflow["jobs"].values()
+    runs = [step["run"] for step in job["steps"] if "run" in step]
+    assert runs == ["make setup", "make test", "make check"]
+    [python] = [step["with"] for step in job["steps"] if "setup-python" in step.get("uses", "")]
+    requires = tomllib.loads((project / "pyproject.toml").read_text())["project"]
+    assert requires["requires-python"] == f">={python['python-version']}"
+    makefile = (project / "Makefile").read_text()
+    assert "tether check --runtime user_profile.service:create_app" in makefile
+
+
 def _fields(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
     for name, field in model.model_fields.items():
         annotation = field.annotation
@@ -239,6 +258,7 @@ def _source_copy(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_tether_new_works_from_an_installed_wheel(tmp_path: Path) -> None:
     """The wheel carries the template, and `tether new` renders it without the checkout."""
+    source = _source_copy(tmp_path)
     subprocess.run(
         [
             sys.executable,
@@ -249,7 +269,7 @@ def test_tether_new_works_from_an_installed_wheel(tmp_path: Path) -> None:
             "-q",
             "-w",
             str(tmp_path / "dist"),
-            str(_source_copy(tmp_path)),
+            str(source),
         ],
         check=True,
         timeout=MAKE_TIMEOUT,
@@ -261,7 +281,10 @@ def test_tether_new_works_from_an_installed_wheel(tmp_path: Path) -> None:
         archive.extractall(installed)  # what pip installs: the same files, importable
     template = installed / "tether" / "_template"
     assert (template / "copier.yml").is_file()
-    assert (template / "template" / ".gitignore").is_file()
+    # Every file of the template, dotfiles and dot-directories (.github) included.
+    shipped = {p.relative_to(template / "template") for p in (template / "template").rglob("*")}
+    wanted = {p.relative_to(source / "template") for p in (source / "template").rglob("*")}
+    assert shipped == wanted, f"missing from the wheel: {sorted(map(str, wanted - shipped))}"
     # The `tether` entry point, run with the wheel first on the path and this checkout (an
     # editable install of this virtualenv) off it.
     entry_point = (
