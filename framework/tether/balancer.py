@@ -111,11 +111,12 @@ class RoundRobinBalancer:
         if not group:
             return None
         weight = group[0].weight
-        if all(e.weight == weight for e in group):
-            chosen = group[self._next % len(group)]
-            self._next += 1
-            return chosen
-        return self._weighted(group, len(endpoints))
+        for e in group:  # a plain loop: all() over a generator doubles an equal pick's cost
+            if e.weight != weight:
+                return self._weighted(group, len(endpoints))
+        chosen = group[self._next % len(group)]
+        self._next += 1
+        return chosen
 
     def _weighted(self, group: Sequence[E], known: int) -> E:
         scores = self._scores
